@@ -1,0 +1,238 @@
+"""Micro-batching: many concurrent requests, one worker thread that owns the device.
+
+Requests are decoded and resized before they get here. `MicroBatcher.submit`
+puts items on a bounded queue (full -> `Overloaded`, answered 429 at once); the
+worker closes a batch when it holds `max_batch_size` items or `max_wait_ms`
+after the batch's first item was queued, drops items whose caller has gone,
+calls the batch function once, and sets each caller's future only if it is
+still pending. No torch or faiss work ever runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from app.service.errors import ClientGone, Overloaded, RequestTimedOut
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Timed(Generic[R]):
+    """A batch function's result for one item, with where the time went."""
+
+    value: R
+    queued_s: float
+    compute_s: float
+    batch_size: int
+
+
+class BatchObserver(Protocol):
+    def batch_done(self, size: int, queued_s: Sequence[float], compute_s: float) -> None: ...
+
+    def dropped(self, reason: str, count: int) -> None: ...
+
+
+@dataclass(eq=False)
+class _Ticket(Generic[T]):
+    payload: T
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    # Set from the event loop when the caller stops waiting; read by the worker.
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+    def resolve(self, value: Any = None, error: BaseException | None = None) -> None:
+        def _set() -> None:
+            if self.future.done():  # the caller timed out or went away
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(value)
+
+        # RuntimeError: the loop is closed, so nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_set)
+
+
+_STOP = object()
+
+
+class MicroBatcher(Generic[T, R]):
+    """Bounded queue + one worker thread running `batch_fn` on lists of payloads.
+
+    `batch_fn(payloads) -> list` must return one entry per payload; an entry that
+    is an exception instance fails only that payload's request.
+    """
+
+    def __init__(self, batch_fn: Callable[[list[T]], Sequence[R | BaseException]], *,
+                 max_batch_size: int, max_wait_ms: float, queue_size: int,
+                 observer: BatchObserver | None = None, name: str = "batch-worker"):
+        if max_batch_size < 1 or queue_size < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_ms >= 0")
+        self._batch_fn = batch_fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._observer = observer
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        # Smoothed seconds per batch, for Retry-After.
+        self._batch_s_ewma = 0.1
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=timeout)
+        self._thread.join(timeout)
+        self._thread = None
+        # Fail whatever is left so no caller waits for ever.
+        while True:
+            try:
+                ticket = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(ticket, _Ticket):
+                ticket.resolve(error=RuntimeError("the batch worker stopped"))
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    # ------------------------------------------------------------------ submit (event loop)
+    async def submit_many(self, payloads: Sequence[T], timeout_s: float,
+                          is_disconnected: Callable[[], Any] | None = None) -> list[Timed[R]]:
+        """Queue all payloads of one request together and wait for their results.
+
+        Raises Overloaded (without queueing anything) when they do not fit,
+        RequestTimedOut after `timeout_s`, ClientGone when `is_disconnected` (an
+        async callable) reports the client gone. In every case the tickets are
+        abandoned, so the worker skips those it has not started.
+        """
+        if not self.running:
+            raise RuntimeError("the batch worker is not running")
+        if not payloads:
+            return []
+        # Only the event loop thread puts, so this check cannot race another put.
+        if self._queue.qsize() + len(payloads) > self.queue_size:
+            raise Overloaded(
+                f"queue full ({self.queue_size} images waiting); retry later",
+                retry_after_s=self.retry_after_s(),
+            )
+        loop = asyncio.get_running_loop()
+        tickets = [_Ticket(p, loop, loop.create_future()) for p in payloads]
+        for ticket in tickets:
+            self._queue.put_nowait(ticket)
+        waiter = asyncio.gather(*(t.future for t in tickets))
+        watcher = (asyncio.ensure_future(self._watch(is_disconnected))
+                   if is_disconnected is not None else None)
+        try:
+            waiting = {waiter} if watcher is None else {waiter, watcher}
+            done, _ = await asyncio.wait(waiting, timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                return waiter.result()
+            if watcher is not None and watcher in done:
+                raise ClientGone("the client disconnected before its result was ready")
+            raise RequestTimedOut(f"no result within {timeout_s:g} s")
+        finally:
+            for ticket in tickets:
+                ticket.abandoned.set()
+                if not ticket.future.done():
+                    ticket.future.cancel()
+            if not waiter.done():
+                waiter.cancel()
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
+
+    @staticmethod
+    async def _watch(is_disconnected: Callable[[], Any]) -> None:
+        """Returns once the client is gone."""
+        while not await is_disconnected():
+            await asyncio.sleep(0.02)
+
+    def retry_after_s(self) -> int:
+        batches_ahead = math.ceil(self._queue.qsize() / self.max_batch_size)
+        return max(1, math.ceil(batches_ahead * self._batch_s_ewma))
+
+    # ------------------------------------------------------------------ worker thread
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            batch = self._collect()
+            if batch is None:
+                return
+            live = [t for t in batch if not t.abandoned.is_set() and not t.future.done()]
+            if len(live) < len(batch) and self._observer:
+                self._observer.dropped("client_gone", len(batch) - len(live))
+            if live:
+                self._compute(live)
+
+    def _collect(self) -> list[_Ticket] | None:
+        first = self._queue.get()
+        if first is _STOP:
+            return None
+        batch = [first]
+        deadline = first.enqueued_at + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(
+                    timeout=remaining)
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._stopping.set()
+                break
+            batch.append(item)
+        return batch
+
+    def _compute(self, batch: list[_Ticket]) -> None:
+        started = time.perf_counter()
+        queued = [started - t.enqueued_at for t in batch]
+        try:
+            results = list(self._batch_fn([t.payload for t in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"batch function returned {len(results)} results for {len(batch)} inputs")
+        except BaseException as exc:  # one failed batch must not kill the worker
+            logger.exception("batch of %d failed", len(batch))
+            for ticket in batch:
+                ticket.resolve(error=exc)
+            return
+        compute_s = time.perf_counter() - started
+        self._batch_s_ewma = 0.8 * self._batch_s_ewma + 0.2 * compute_s
+        for ticket, result, wait in zip(batch, results, queued, strict=True):
+            if isinstance(result, BaseException):
+                ticket.resolve(error=result)
+            else:
+                ticket.resolve(Timed(result, wait, compute_s, len(batch)))
+        if self._observer:
+            self._observer.batch_done(len(batch), queued, compute_s)

@@ -1,0 +1,196 @@
+"""Service exceptions and the one table that maps every domain error to an HTTP answer.
+
+Every error leaves the service as {"error": {"code": str, "message": str}}.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.core import errors as core
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base class of errors raised on purpose by the service layer."""
+
+
+class InvalidProductName(ServiceError):
+    pass
+
+
+class ProductNotFound(ServiceError):
+    pass
+
+
+class ProductUnavailable(ServiceError):
+    """The product exists on disk but its bank failed to load."""
+
+
+class VersionNotFound(ServiceError):
+    pass
+
+
+class JobNotFound(ServiceError):
+    pass
+
+
+class JobConflict(ServiceError):
+    """A build for the product is already queued or running, or the job is finished."""
+
+
+class EmptyBody(ServiceError):
+    pass
+
+
+class PayloadTooLarge(ServiceError):
+    pass
+
+
+class TooManyImages(ServiceError):
+    pass
+
+
+class UnsupportedMediaType(ServiceError):
+    pass
+
+
+class InvalidUpload(ServiceError):
+    """A staging upload was refused: unsafe zip, link, traversal, or not an image."""
+
+
+class NoNominalImages(ServiceError):
+    pass
+
+
+class Unauthorized(ServiceError):
+    pass
+
+
+class Forbidden(ServiceError):
+    pass
+
+
+class Overloaded(ServiceError):
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimedOut(ServiceError):
+    pass
+
+
+class NotReady(ServiceError):
+    pass
+
+
+class ClientGone(ServiceError):
+    """The client disconnected before its images were computed."""
+
+
+# Exception class -> (HTTP status, stable error code). Looked up along the MRO,
+# so a subclass maps like its nearest listed parent.
+ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
+    InvalidProductName: (422, "invalid_product_name"),
+    ProductNotFound: (404, "product_not_found"),
+    ProductUnavailable: (503, "product_unavailable"),
+    VersionNotFound: (404, "version_not_found"),
+    JobNotFound: (404, "job_not_found"),
+    JobConflict: (409, "job_conflict"),
+    EmptyBody: (400, "empty_body"),
+    PayloadTooLarge: (413, "payload_too_large"),
+    TooManyImages: (413, "too_many_images"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
+    InvalidUpload: (400, "invalid_upload"),
+    NoNominalImages: (409, "no_nominal_images"),
+    Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
+    Overloaded: (429, "overloaded"),
+    RequestTimedOut: (504, "timeout"),
+    NotReady: (503, "not_ready"),
+    ClientGone: (499, "client_closed_request"),
+    core.InvalidImage: (400, "invalid_image"),
+    core.ImageTooLarge: (413, "image_too_large"),
+    core.NotEnoughImages: (422, "not_enough_images"),
+    core.UnknownBackbone: (422, "unknown_backbone"),
+    core.BackboneUnavailable: (503, "backbone_unavailable"),
+    core.BankCorrupt: (500, "bank_corrupt"),
+    core.BankIncompatible: (500, "bank_incompatible"),
+    core.BuildCancelled: (409, "build_cancelled"),
+    core.PatchCoreError: (500, "engine_error"),
+}
+
+_HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
+    422: "validation_error", 429: "overloaded", 500: "internal_error", 503: "unavailable",
+}
+
+
+def status_and_code(exc: BaseException) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return 500, "internal_error"
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def response_for(exc: Exception) -> JSONResponse:
+    status, code = status_and_code(exc)
+    headers = None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
+    message = str(exc) or code.replace("_", " ")
+    if status >= 500 and code == "internal_error":
+        message = "internal server error"
+    return error_response(status, code, message, headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+        status, _ = status_and_code(exc)
+        if status >= 500:
+            logger.error("request failed: %s", exc, exc_info=exc)
+        return response_for(exc)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, StarletteHTTPException):  # pragma: no cover - registration guard
+            raise exc
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, RequestValidationError):  # pragma: no cover
+            raise exc
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return error_response(422, "validation_error", "; ".join(parts) or "invalid request")
+
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error: %s", exc, exc_info=exc)
+        return error_response(500, "internal_error", "internal server error")
+
+    app.add_exception_handler(ServiceError, domain_error)
+    app.add_exception_handler(core.PatchCoreError, domain_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)

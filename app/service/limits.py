@@ -1,0 +1,65 @@
+"""Request body size limit, enforced before anything is buffered (413 early)."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.service.errors import PayloadTooLarge, error_response
+
+
+class _TooLarge(PayloadTooLarge):
+    """Raised from receive() when a streamed body passes the limit."""
+
+
+class BodySizeLimitMiddleware:
+    """Refuses bodies over `max_bytes`: at once from Content-Length, or while
+    streaming a chunked body, before the route has buffered more than the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.max_bytes:
+                    await self._refuse(scope, receive, send)
+                    return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if started:
+                raise
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit_mb = self.max_bytes / (1024 * 1024)
+        response = error_response(413, "payload_too_large",
+                                  f"request body is larger than the limit of {limit_mb:g} MB",
+                                  headers={"Connection": "close"})
+        await response(scope, receive, send)

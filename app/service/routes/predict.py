@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+
+from app.service.deps import ProductDep, ReadyStateDep
+from app.service.inference import predict_uploads
+from app.service.schemas import ERROR_RESPONSES, PredictResponse
+from app.service.uploads import read_uploads
+
+router = APIRouter(prefix="/v1", tags=["predict"])
+
+_IMAGE_SCHEMA = {"type": "string", "format": "binary"}
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "One or more images as multipart files (any field name), or one raw "
+                       "image body with an image/* content type.",
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "properties": {"files": {"type": "array", "items": _IMAGE_SCHEMA}},
+            }},
+            "image/png": {"schema": _IMAGE_SCHEMA},
+            "image/jpeg": {"schema": _IMAGE_SCHEMA},
+            "image/*": {"schema": _IMAGE_SCHEMA},
+        },
+    }
+}
+
+HeatmapOption = Annotated[
+    Literal["none", "png", "overlay"],
+    Query(description="png: colour-mapped anomaly map at the image size; overlay: blended "
+                      "over the photo; none: no heatmap"),
+]
+RegionsOption = Annotated[
+    bool, Query(description="connected regions above the threshold, with boxes and areas")]
+
+
+@router.post("/products/{product}/predict", response_model=PredictResponse,
+             responses=ERROR_RESPONSES, openapi_extra=PREDICT_BODY)
+async def predict(product: ProductDep, request: Request, state: ReadyStateDep,
+                  heatmap: HeatmapOption = "png", regions: RegionsOption = False) -> dict:
+    """Score images against the product's active bank."""
+    loaded = state.registry.get(product)
+    settings = state.settings
+    uploads = await read_uploads(request, settings.max_images_per_request)
+    return await predict_uploads(
+        loaded=loaded, uploads=uploads, heatmap=heatmap, regions=regions, pool=state.cpu_pool,
+        batcher=state.batcher, max_pixels=settings.max_image_pixels,
+        timeout_s=settings.request_timeout_s, metrics=state.metrics,
+        is_disconnected=request.is_disconnected)

@@ -1,0 +1,152 @@
+"""Response models: they document the API in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["product_not_found"])
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class BBox(BaseModel):
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class Region(BaseModel):
+    bbox: BBox
+    area: int = Field(description="pixels above the threshold in the region")
+    max_score: float = Field(description="peak normalised score (0.5 = threshold)")
+
+
+class Heatmap(BaseModel):
+    kind: Literal["png", "overlay"]
+    media_type: Literal["image/png"] = "image/png"
+    width: int
+    height: int
+    data: str = Field(description="base64-encoded PNG at the original image size")
+
+
+class ImageTimings(BaseModel):
+    decode_ms: float = Field(description="decode, validate and resize, before the queue")
+    queued_ms: float = Field(description="waiting in the queue for a batch")
+    compute_ms: float = Field(description="the batch's backbone + kNN time")
+    render_ms: float
+    batch_size: int
+
+
+class ImageResult(BaseModel):
+    index: int
+    filename: str | None
+    width: int
+    height: int
+    raw_score: float
+    score: float = Field(description="normalised: 0.5 = the product's threshold")
+    threshold: float = Field(description="raw-score threshold the product was calibrated to")
+    is_anomalous: bool
+    bank_version: str
+    heatmap: Heatmap | None = None
+    regions: list[Region] | None = None
+    timings: ImageTimings
+
+
+class PredictResponse(BaseModel):
+    product: str
+    results: list[ImageResult]
+
+
+class ProductInfo(BaseModel):
+    name: str
+    status: Literal["loaded", "failed"]
+    version: str | None
+    backbone: str | None = None
+    image_size: int | None = None
+    bank_size: int | None = None
+    feature_dim: int | None = None
+    threshold: float | None = None
+    created_at: str | float | None = None
+    loaded_at: float | None = None
+    versions: list[str] | None = None
+    reason: str | None = None
+    error_code: str | None = None
+
+
+class ProductList(BaseModel):
+    products: list[ProductInfo]
+    failed: list[ProductInfo]
+
+
+class StagedImageInfo(BaseModel):
+    name: str
+    size_bytes: int
+
+
+class StagingList(BaseModel):
+    product: str
+    count: int
+    images: list[StagedImageInfo]
+
+
+class StagingAdded(BaseModel):
+    product: str
+    added: int
+    count: int
+
+
+class StagingCleared(BaseModel):
+    product: str
+    removed: int
+
+
+class BuildRequest(BaseModel):
+    coreset_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+    backbone: str | None = Field(default=None, max_length=64)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+
+class ActivateRequest(BaseModel):
+    version: str = Field(min_length=1, max_length=128)
+
+
+class JobInfo(BaseModel):
+    id: str
+    product: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    phase: str
+    progress: float = Field(description="percent, 0-100")
+    params: dict
+    source: str
+    image_count: int | None
+    version: str | None
+    error: ErrorDetail | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    timings_s: dict
+    cancel_requested: bool
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, bool] = {}
+    detail: str | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429,
+                                                 503, 504)
+}

@@ -1,0 +1,87 @@
+"""Service configuration: one pydantic-settings class read from PATCHCORE_* variables.
+
+Built by the cached `get_settings()`, never at import time, so tests and the
+CLI can construct their own `Settings(...)` and hand it to `create_app`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_ADMIN_KEY_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PATCHCORE_", extra="ignore", frozen=True)
+
+    # ------------------------------------------------------------------ storage and models
+    models_dir: Path = Path("models")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Optional local weights file for the default backbone (offline deployments).
+    weights_path: Path | None = None
+    # Build the "demo" bank from the packaged demo images at startup when missing.
+    demo: bool = True
+
+    # ------------------------------------------------------------------ admin access
+    admin_api_key: SecretStr | None = None
+    environment: Literal["production", "development"] = "production"
+    # Development only: leave the admin API open when no key is configured.
+    dev_open_admin: bool = False
+
+    # ------------------------------------------------------------------ micro-batching
+    max_batch_size: int = Field(default=8, ge=1, le=512)
+    max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
+    queue_size: int = Field(default=64, ge=1, le=100_000)
+    request_timeout_s: float = Field(default=30.0, gt=0.0)
+    # Threads that decode, validate and resize images before the queue.
+    decode_threads: int = Field(default=4, ge=1, le=64)
+
+    # ------------------------------------------------------------------ input limits
+    max_upload_mb: float = Field(default=32.0, gt=0.0)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_images_per_request: int = Field(default=16, ge=1)
+    max_staging_images: int = Field(default=5_000, ge=1)
+    # Zip uploads: total uncompressed bytes and per-member compression ratio.
+    max_zip_uncompressed_mb: float = Field(default=512.0, gt=0.0)
+    max_zip_ratio: float = Field(default=200.0, gt=1.0)
+
+    # ------------------------------------------------------------------ jobs and logs
+    max_finished_jobs: int = Field(default=100, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = False
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        key = self.admin_api_key.get_secret_value() if self.admin_api_key else None
+        if key is not None and len(key) < MIN_ADMIN_KEY_LENGTH:
+            raise ValueError(
+                f"PATCHCORE_ADMIN_API_KEY must be at least {MIN_ADMIN_KEY_LENGTH} characters"
+            )
+        if self.dev_open_admin and self.environment != "development":
+            raise ValueError(
+                "PATCHCORE_DEV_OPEN_ADMIN=true needs PATCHCORE_ENVIRONMENT=development"
+            )
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def staging_dir(self) -> Path:
+        # A dot folder: never a valid product name, so the bank store ignores it.
+        return self.models_dir / ".staging"
+
+    @property
+    def admin_open(self) -> bool:
+        return self.admin_api_key is None and self.dev_open_admin
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
