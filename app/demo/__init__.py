@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_PRODUCT = "demo-washer"
+DEMO_PRODUCT = "demo"  # the name the service gives the embedded product
 IMAGES_DIR = Path(__file__).resolve().parent / "images"
 
 
