@@ -16,6 +16,7 @@ What it draws, 256x256 8-bit grayscale (industrial cameras are mostly mono):
 - nominal variation: the part shifts by up to 4 px, turns by up to 10 degrees,
   its radii vary by about 1 %, the light's angle, gain and gradient change,
   the turning marks differ from part to part, and there is sensor noise;
+- 24 nominal parts for the bank (good/) and 4 held out to try (good_test/);
 - defects, each with a 0/255 pixel mask: scratches, a dent, a pit, an oil
   stain, a crack from the bore, a chipped rim and a fibre lying on the part.
 
@@ -39,6 +40,7 @@ from PIL import Image
 SIZE = 256
 SEED = 20240604
 N_GOOD = 24
+N_GOOD_TEST = 4
 OUT_DIR = Path(__file__).resolve().parent.parent / "app" / "demo" / "images"
 
 Rng = np.random.Generator
@@ -340,6 +342,10 @@ def generate(seed: int = SEED, n_good: int = N_GOOD) -> dict[str, bytes]:
         stem = f"{name}_{index:03d}"
         files[f"defect/{stem}.png"] = _png(image)
         files[f"mask/{stem}_mask.png"] = _png((mask * 255).astype(np.uint8))
+    # Drawn last so that adding them left the images above unchanged.
+    for i in range(N_GOOD_TEST):
+        part = Washer(random_pose(rng), rng)
+        files[f"good_test/{i:03d}.png"] = _png(part.render())
     return files
 
 
@@ -375,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         for rel in stale:
             print(f"differs: {rel}", file=sys.stderr)
         return 1 if stale else 0
-    for sub in ("good", "defect", "mask"):
+    for sub in ("good", "good_test", "defect", "mask"):
         folder = args.out / sub
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob("*.png"):

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.demo import IMAGES_DIR, demo_defect_images, demo_mask, demo_nominal_images
+from app.demo import (
+    IMAGES_DIR,
+    demo_defect_images,
+    demo_mask,
+    demo_nominal_images,
+    demo_test_nominal_images,
+)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_demo_images.py"
 
@@ -28,11 +34,10 @@ def _load_script():
 
 
 def test_demo_sets_have_expected_sizes():
-    good, defect = demo_nominal_images(), demo_defect_images()
-    assert len(good) == 24
-    assert len(defect) == 8
-    assert not set(good) & set(defect)
-    for path in good + defect:
+    good, held_out, defect = demo_nominal_images(), demo_test_nominal_images(), demo_defect_images()
+    assert (len(good), len(held_out), len(defect)) == (24, 4, 8)
+    assert len(set(good) | set(held_out) | set(defect)) == 36
+    for path in good + held_out + defect:
         with Image.open(path) as image:
             assert image.size == (256, 256)
             assert image.mode == "L"
@@ -66,8 +71,9 @@ def test_defects_differ_from_nominal_where_the_mask_says():
 
 
 def test_good_images_have_no_mask():
-    with pytest.raises(FileNotFoundError):
-        demo_mask(demo_nominal_images()[0])
+    for path in (demo_nominal_images()[0], demo_test_nominal_images()[0]):
+        with pytest.raises(FileNotFoundError):
+            demo_mask(path)
 
 
 def test_demo_images_stay_small():

@@ -4,6 +4,7 @@ The images are generated (not photographed) and released with the project under
 Apache-2.0; see LICENSE.md here. Layout, MVTec-style:
 
     images/good/NNN.png                   nominal parts (the demo bank is built from these)
+    images/good_test/NNN.png              more nominal parts, not in the bank: to try predictions
     images/defect/<kind>_NNN.png          defective parts
     images/mask/<kind>_NNN_mask.png       their pixel masks, 0 = normal, 255 = defect
 """
@@ -23,6 +24,11 @@ def _pngs(folder: str) -> list[Path]:
 def demo_nominal_images() -> list[Path]:
     """The nominal (good) demo images, sorted by name."""
     return _pngs("good")
+
+
+def demo_test_nominal_images() -> list[Path]:
+    """Nominal demo images kept out of the bank, sorted: they should score as normal."""
+    return _pngs("good_test")
 
 
 def demo_defect_images() -> list[Path]:
