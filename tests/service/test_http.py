@@ -1,0 +1,207 @@
+"""The main path through real HTTP: uvicorn on a loopback port, httpx as the client,
+the real engine with real weights, a bank built from real MVTec bottle images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import ADMIN, metric_value, upload, wait_job
+
+pytestmark = pytest.mark.slow
+
+
+def predict(http, product, path, **params):
+    return http.post(f"/v1/products/{product}/predict", content=path.read_bytes(),
+                     headers={"Content-Type": "image/png"}, params={"heatmap": "none", **params})
+
+
+def test_health_and_request_id(http):
+    live = http.get("/health/live")
+    assert live.status_code == 200 and live.json()["status"] == "alive"
+    generated = live.headers["x-request-id"]
+    assert len(generated) >= 16
+    ready = http.get("/health/ready", headers={"X-Request-ID": "cam-7.frame-42"})
+    assert ready.status_code == 200 and all(ready.json()["checks"].values())
+    assert ready.headers["x-request-id"] == "cam-7.frame-42"
+    unsafe = http.get("/health/live", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert unsafe.headers["x-request-id"] != "bad id\twith spaces"
+
+
+def test_build_job_through_admin_api(http, bottle_job, bottle_train):
+    assert bottle_job["progress"] == 100.0 and bottle_job["phase"] == "done"
+    assert bottle_job["image_count"] == len(bottle_train)
+    assert bottle_job["error"] is None and bottle_job["version"]
+    assert bottle_job["timings_s"]["running"] > 0
+    listed = http.get("/v1/admin/jobs", headers=ADMIN).json()["jobs"]
+    assert bottle_job["id"] in [j["id"] for j in listed]
+    products = http.get("/v1/products").json()
+    bottle = next(p for p in products["products"] if p["name"] == "bottle")
+    assert bottle["version"] == bottle_job["version"] and bottle["status"] == "loaded"
+    assert bottle["backbone"] and bottle["bank_size"] > 0 and bottle["threshold"] > 0
+    assert bottle["created_at"]
+    detail = http.get("/v1/products/bottle").json()
+    assert bottle_job["version"] in detail["versions"]
+
+
+def test_predict_from_the_new_bank(http, bottle_job, bottle_good, bottle_defect):
+    good = [predict(http, "bottle", p).json()["results"][0] for p in bottle_good]
+    bad = [predict(http, "bottle", p).json()["results"][0] for p in bottle_defect]
+    for result in good + bad:
+        assert result["bank_version"] == bottle_job["version"]
+        assert (result["width"], result["height"]) == (900, 900)
+        assert result["score"] > 0 and result["raw_score"] > 0 and result["threshold"] > 0
+        assert result["is_anomalous"] == (result["score"] > 0.5)
+        timings = result["timings"]
+        assert timings["compute_ms"] > 0 and timings["queued_ms"] >= 0
+        assert timings["batch_size"] >= 1
+    # Broken bottles score above good ones, and above the threshold.
+    assert min(r["score"] for r in bad) > max(r["score"] for r in good)
+    assert all(r["is_anomalous"] for r in bad)
+
+
+def test_multipart_and_raw_body_agree(http, bottle_job, bottle_good, bottle_defect):
+    paths = [bottle_good[0], bottle_defect[0]]
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    many = http.post("/v1/products/bottle/predict", files=files, params={"heatmap": "none"})
+    assert many.status_code == 200, many.text
+    results = many.json()["results"]
+    assert [r["filename"] for r in results] == [p.name for p in paths]
+    for path, result in zip(paths, results, strict=True):
+        single = predict(http, "bottle", path).json()["results"][0]
+        assert single["score"] == pytest.approx(result["score"], rel=1e-4)
+
+
+def _decode_png(data: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def test_heatmap_overlay_and_regions(http, bottle_job, bottle_defect):
+    path = bottle_defect[0]
+    response = predict(http, "bottle", path, heatmap="png", regions="true")
+    assert response.status_code == 200
+    result = response.json()["results"][0]
+    heat = _decode_png(result["heatmap"]["data"])
+    assert heat.shape == (900, 900, 3) and result["heatmap"]["kind"] == "png"
+    assert result["regions"], "a broken bottle has regions above the threshold"
+    for region in result["regions"]:
+        box = region["bbox"]
+        assert 0 <= box["x"] and box["x"] + box["width"] <= 900
+        assert 0 <= box["y"] and box["y"] + box["height"] <= 900
+        assert 0 < region["area"] <= box["width"] * box["height"]
+        assert region["max_score"] > 0.5
+    overlay = predict(http, "bottle", path, heatmap="overlay").json()["results"][0]
+    blended = _decode_png(overlay["heatmap"]["data"])
+    assert blended.shape == (900, 900, 3) and overlay["heatmap"]["kind"] == "overlay"
+    photo = np.asarray(Image.open(path).convert("RGB"))
+    # Half photo, half heatmap: neither one alone.
+    assert not np.array_equal(blended, heat) and not np.array_equal(blended, photo)
+    assert overlay["regions"] is None
+
+
+def test_concurrent_requests_are_batched_and_equal_one_at_a_time(
+        http, server, bottle_job, bottle_good, bottle_defect):
+    paths = (bottle_good + bottle_defect) * 2
+    expected = {p: predict(http, "bottle", p).json()["results"][0]["score"] for p in set(paths)}
+    before = http.get("/metrics").text
+
+    def call(path):
+        return path, predict(http, "bottle", path)
+
+    with ThreadPoolExecutor(len(paths)) as pool:
+        answers = list(pool.map(call, paths))
+    after = http.get("/metrics").text
+    for path, response in answers:
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["score"] == pytest.approx(expected[path], rel=1e-4)
+    batches = metric_value(after, "patchcore_batch_size_count") - metric_value(
+        before, "patchcore_batch_size_count")
+    images = metric_value(after, "patchcore_batch_size_sum") - metric_value(
+        before, "patchcore_batch_size_sum")
+    assert images == len(paths)
+    assert batches < len(paths), "some batches held more than one image"
+    assert max(r.json()["results"][0]["timings"]["batch_size"] for _, r in answers) > 1
+
+
+def test_hot_swap_under_a_stream_of_requests(http, server, bottle_job, bottle_good):
+    stop = threading.Event()
+    statuses: list[int] = []
+    versions: set[str] = set()
+
+    def stream():
+        while not stop.is_set():
+            response = predict(http, "bottle", bottle_good[0])
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                versions.add(response.json()["results"][0]["bank_version"])
+
+    workers = [threading.Thread(target=stream) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(0.5)
+        started = http.post("/v1/admin/products/bottle/builds", headers=ADMIN,
+                            json={"coreset_ratio": 0.05, "seed": 1})
+        assert started.status_code == 202, started.text
+        job = wait_job(http, started.json()["id"])
+        assert job["state"] == "succeeded"
+        time.sleep(0.5)
+        rolled = http.post("/v1/admin/products/bottle/activate", headers=ADMIN,
+                           json={"version": bottle_job["version"]})
+        assert rolled.status_code == 200, rolled.text
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert statuses and set(statuses) == {200}
+    assert {job["version"], bottle_job["version"]} <= versions
+    detail = http.get("/v1/products/bottle").json()
+    assert detail["version"] == bottle_job["version"]
+    assert {job["version"], bottle_job["version"]} <= set(detail["versions"])
+    # Later requests see the rolled-back bank.
+    after = predict(http, "bottle", bottle_good[0]).json()["results"][0]
+    assert after["bank_version"] == bottle_job["version"]
+
+
+def test_metrics_exposition(http, bottle_job, bottle_good):
+    predict(http, "bottle", bottle_good[0])
+    text = http.get("/metrics").text
+    assert 'patchcore_http_requests_total{method="POST",route="/v1/products/{product}/predict",' \
+           'status="200"}' in text
+    for name in ("patchcore_http_request_duration_seconds_bucket", "patchcore_queue_depth",
+                 "patchcore_batch_size_bucket", "patchcore_time_queued_seconds_bucket",
+                 "patchcore_time_computing_seconds_bucket", "patchcore_bank_size",
+                 "patchcore_build_jobs"):
+        assert name in text, name
+    assert metric_value(text, "patchcore_build_jobs", 'state="succeeded"') >= 1
+    assert metric_value(text, "patchcore_bank_size", 'product="bottle"') > 0
+
+
+def test_staging_list_clear_and_cancel(http, bottle_job, tile_train):
+    assert upload(http, "tile", tile_train).status_code == 201
+    listed = http.get("/v1/admin/products/tile/nominal", headers=ADMIN).json()
+    assert listed["count"] == len(tile_train)
+    started = http.post("/v1/admin/products/tile/builds", headers=ADMIN, json={})
+    assert started.status_code == 202
+    again = http.post("/v1/admin/products/tile/builds", headers=ADMIN, json={})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "job_conflict"
+    cancelled = http.delete(f"/v1/admin/jobs/{started.json()['id']}", headers=ADMIN)
+    assert cancelled.status_code == 202 and cancelled.json()["cancel_requested"]
+    job = wait_job(http, started.json()["id"])
+    assert job["state"] == "cancelled"
+    assert http.get("/v1/products/tile").status_code == 404
+    cleared = http.delete("/v1/admin/products/tile/nominal", headers=ADMIN).json()
+    assert cleared["removed"] == len(tile_train)
+    nothing = http.post("/v1/admin/products/tile/builds", headers=ADMIN, json={})
+    assert nothing.status_code == 409 and nothing.json()["error"]["code"] == "no_nominal_images"
+    assert http.get("/v1/admin/jobs/nope", headers=ADMIN).status_code == 404
