@@ -137,11 +137,8 @@ def check_target(base_url: str, allow_remote: bool = False) -> None:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in folder, or below it when it has none itself; sorted."""
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    return found
+    """Image files directly in folder, sorted (not below it: that is where masks live)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _error_key(exc: BaseException) -> str:
@@ -336,7 +333,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     else:
         images = [args.images]
     if not images:
-        print(f"no images found in {args.images}", file=sys.stderr)
+        print(f"no images directly in {args.images}", file=sys.stderr)
         return 2
     try:
         result = run_simulation(

@@ -209,3 +209,10 @@ def test_latency_quantiles_nearest_rank():
     assert result.latency_ms(0.95) == pytest.approx(95)
     assert result.latency_ms(0.99) == pytest.approx(99)
     assert result.latency_ms(1.0) == pytest.approx(100)
+
+
+def test_cli_refuses_a_folder_without_images_of_its_own(tmp_path, capsys):
+    (tmp_path / "mask").mkdir()
+    (tmp_path / "mask" / "a_mask.png").write_bytes(IMAGES[0].read_bytes())
+    assert main(["--url", "http://127.0.0.1:9", "--images", str(tmp_path), "--requests", "1"]) == 2
+    assert "no images" in capsys.readouterr().err
