@@ -165,9 +165,11 @@ def response_for(exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
-        status, _ = status_and_code(exc)
-        if status >= 500:
+        status, code = status_and_code(exc)
+        if status == 500:
             logger.error("request failed: %s", exc, exc_info=exc)
+        elif status >= 500:
+            logger.warning("%s: %s", code, exc)
         return response_for(exc)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:

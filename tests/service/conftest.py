@@ -65,10 +65,10 @@ def tile_train(data) -> list[Path]:
 
 
 def test_settings(models_dir: Path, **overrides) -> Settings:
-    values = dict(models_dir=models_dir, admin_api_key=ADMIN_KEY, device="cpu", demo=False,
-                  max_batch_size=8, max_wait_ms=25, queue_size=64, max_upload_mb=4,
-                  max_image_pixels=2_000_000, max_images_per_request=8, decode_threads=2,
-                  request_timeout_s=120)
+    values = {"models_dir": models_dir, "admin_api_key": ADMIN_KEY, "device": "cpu",
+              "demo": False, "max_batch_size": 8, "max_wait_ms": 25, "queue_size": 64,
+              "max_upload_mb": 4, "max_image_pixels": 2_000_000, "max_images_per_request": 8,
+              "decode_threads": 2, "request_timeout_s": 120}
     values.update(overrides)
     return Settings(**values)
 
@@ -180,3 +180,23 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
         if line.startswith(name) and (line[len(name)] in " {") and labels in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from app.core.embedding import EmbedderConfig, create_embedder
+
+    return create_embedder(EmbedderConfig(), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tile_bank(tile_train, embedder):
+    """A real bank built in-process from a handful of magnetic_tile images."""
+    from app.core.patchcore import PatchCoreConfig, build_bank
+
+    return build_bank(tile_train, PatchCoreConfig(coreset_ratio=0.1), embedder)
+
+
+@pytest.fixture(scope="session")
+def tile_test(data) -> Path:
+    return sorted((data / "magnetic_tile" / "test" / "good").glob("*.jpg"))[0]

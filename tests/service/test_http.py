@@ -95,8 +95,8 @@ def test_heatmap_overlay_and_regions(http, bottle_job, bottle_defect):
     assert result["regions"], "a broken bottle has regions above the threshold"
     for region in result["regions"]:
         box = region["bbox"]
-        assert 0 <= box["x"] and box["x"] + box["width"] <= 900
-        assert 0 <= box["y"] and box["y"] + box["height"] <= 900
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 900
+        assert box["y"] >= 0 and box["y"] + box["height"] <= 900
         assert 0 < region["area"] <= box["width"] * box["height"]
         assert region["max_score"] > 0.5
     overlay = predict(http, "bottle", path, heatmap="overlay").json()["results"][0]

@@ -1,0 +1,80 @@
+"""Startup: every bank under the models directory is loaded; a corrupt one is reported
+as failed while the others serve; the demo bank is built on a fresh machine."""
+
+from __future__ import annotations
+
+import pytest
+from app.storage import LocalBankStore
+
+from .conftest import ADMIN, start_server, stop_server, test_settings
+
+pytestmark = pytest.mark.slow
+
+
+def _corrupt(folder):
+    """Truncate the largest file of the product (the features): a half-written disk."""
+    largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = largest.read_bytes()
+    largest.write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_bank_is_reported_while_others_serve(tmp_path, tile_bank, tile_test):
+    store = LocalBankStore(tmp_path)
+    store.save("tile", tile_bank, activate=True)
+    broken = store.save("broken", tile_bank, activate=True)
+    before = {p for p in (tmp_path / "broken").rglob("*") if p.is_file()}
+    assert before, "the store wrote files for the broken product"
+    _corrupt(tmp_path / "broken")
+    live = start_server(test_settings(tmp_path))
+    try:
+        with live.client() as http:
+            products = http.get("/v1/products").json()
+            assert [p["name"] for p in products["products"]] == ["tile"]
+            failed = products["failed"]
+            assert [f["name"] for f in failed] == ["broken"]
+            assert failed[0]["reason"] and failed[0]["status"] == "failed"
+            assert failed[0]["version"] in (None, str(broken))
+            detail = http.get("/v1/products/broken")
+            assert detail.status_code == 200 and detail.json()["status"] == "failed"
+            refused = http.post("/v1/products/broken/predict", content=tile_test.read_bytes(),
+                                headers={"Content-Type": "image/jpeg"})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "product_unavailable"
+            ok = http.post("/v1/products/tile/predict", content=tile_test.read_bytes(),
+                           headers={"Content-Type": "image/jpeg"}, params={"heatmap": "none"})
+            assert ok.status_code == 200, ok.text
+            metrics = http.get("/metrics").text
+            assert "patchcore_failed_banks 1.0" in metrics
+            # Deleting the broken product clears it.
+            assert http.delete("/v1/admin/products/broken", headers=ADMIN).status_code == 204
+            assert http.get("/v1/products").json()["failed"] == []
+            assert http.get("/v1/products/broken").status_code == 404
+    finally:
+        stop_server(live)
+
+
+def test_demo_bank_is_built_on_a_fresh_machine_and_kept(tmp_path):
+    demo = pytest.importorskip("app.demo", reason="app.demo (demo images) is not installed")
+    live = start_server(test_settings(tmp_path, demo=True))
+    try:
+        with live.client() as http:
+            demo_product = http.get("/v1/products/demo").json()
+            assert demo_product["status"] == "loaded"
+            defect = demo.demo_defect_images()[0]
+            result = http.post("/v1/products/demo/predict", content=defect.read_bytes(),
+                               headers={"Content-Type": "image/png"},
+                               params={"heatmap": "none"}).json()["results"][0]
+            assert result["is_anomalous"]
+            jobs = http.get("/v1/admin/jobs", headers=ADMIN).json()["jobs"]
+            assert [(j["product"], j["source"], j["state"]) for j in jobs] == [
+                ("demo", "demo", "succeeded")]
+    finally:
+        stop_server(live)
+    # A restart finds the demo bank on disk and does not build it again.
+    again = start_server(test_settings(tmp_path, demo=True))
+    try:
+        with again.client() as http:
+            assert http.get("/v1/admin/jobs", headers=ADMIN).json()["jobs"] == []
+            assert http.get("/v1/products/demo").json()["version"] == demo_product["version"]
+    finally:
+        stop_server(again)
