@@ -205,3 +205,45 @@ def test_staging_list_clear_and_cancel(http, bottle_job, tile_train):
     nothing = http.post("/v1/admin/products/tile/builds", headers=ADMIN, json={})
     assert nothing.status_code == 409 and nothing.json()["error"]["code"] == "no_nominal_images"
     assert http.get("/v1/admin/jobs/nope", headers=ADMIN).status_code == 404
+
+
+def test_full_queue_answers_429_with_retry_after(server, bottle_job, bottle_good):
+    from .conftest import start_server, stop_server, test_settings
+
+    settings = test_settings(server.state.settings.models_dir, queue_size=1, max_batch_size=1,
+                             max_wait_ms=0, decode_threads=4)
+    small = start_server(settings)
+    try:
+        body = bottle_good[0].read_bytes()
+        with small.client() as client:
+            def call(_):
+                return client.post("/v1/products/bottle/predict", content=body,
+                                   headers={"Content-Type": "image/png"},
+                                   params={"heatmap": "none"})
+
+            with ThreadPoolExecutor(12) as pool:
+                answers = list(pool.map(call, range(12)))
+            codes = sorted(r.status_code for r in answers)
+            assert set(codes) == {200, 429}, codes
+            refused = next(r for r in answers if r.status_code == 429)
+            assert int(refused.headers["retry-after"]) >= 1
+            assert refused.json()["error"]["code"] == "overloaded"
+            assert call(0).status_code == 200  # and it keeps serving
+            assert metric_value(client.get("/metrics").text,
+                                "patchcore_rejected_requests_total") == codes.count(429)
+    finally:
+        stop_server(small)
+
+
+def test_openapi_documents_every_endpoint(http):
+    schema = http.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in ("/v1/products/{product}/predict", "/v1/products", "/v1/products/{product}",
+                 "/v1/admin/products/{product}/nominal", "/v1/admin/products/{product}/builds",
+                 "/v1/admin/jobs", "/v1/admin/jobs/{job_id}",
+                 "/v1/admin/products/{product}/activate", "/v1/admin/products/{product}",
+                 "/health/live", "/health/ready", "/metrics"):
+        assert path in paths, path
+    predict_body = paths["/v1/products/{product}/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/png", "image/jpeg"} <= set(predict_body)
+    assert "ErrorResponse" in schema["components"]["schemas"]
