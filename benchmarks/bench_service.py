@@ -28,10 +28,11 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.core.embedding import create_embedder  # noqa: E402
-from app.core.images import decode_image  # noqa: E402
 from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank  # noqa: E402
 from app.storage import LocalBankStore  # noqa: E402
+
+from app.core.embedding import create_embedder  # noqa: E402
+from app.core.images import decode_image  # noqa: E402
 
 PRODUCT = "bench"
 
@@ -109,7 +110,9 @@ async def load(url: str, images: list[bytes], concurrency: int, total: int) -> d
 def in_process(model: PatchCoreModel, images: list[bytes], batch: int, rounds: int) -> float:
     """Seconds per image: decode + predict, `batch` images per call (best of `rounds`)."""
     best = float("inf")
-    model.predict([decode_image(images[0])])  # warm-up
+    warm = [decode_image(images[i % len(images)]) for i in range(batch)]
+    model.predict(warm)
+    model.predict(warm)
     for _ in range(rounds):
         chunk = [images[i % len(images)] for i in range(batch)]
         started = time.perf_counter()
@@ -166,16 +169,18 @@ def main() -> None:
                 process.terminate()
                 process.wait(30)
 
-        sizes = sorted({1, *args.concurrency, args.max_batch_size})
-        engine = {b: in_process(model, images, b, rounds=3) for b in sizes}
+        def same_batch(row: dict) -> int:
+            return max(1, round(row["mean_batch"])) if row["batching"] == "on" else 1
+
+        sizes = sorted({same_batch(row) for row in rows})
+        engine = {b: in_process(model, images, b, rounds=5) for b in sizes}
 
     print()
     print("| batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | "
           "engine in-process ms/img (same batch) | service ms/img | overhead |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        same = max(1, round(row["mean_batch"])) if row["batching"] == "on" else 1
-        same = min(sizes, key=lambda b, s=same: abs(b - s))
+        same = same_batch(row)
         engine_s = engine[same]
         service_s = 1.0 / row["throughput_rps"]
         row["engine_batch"] = same
