@@ -1,0 +1,1 @@
+"""The PatchCore algorithm: pure torch / numpy / faiss, no web imports."""

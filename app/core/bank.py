@@ -1,0 +1,150 @@
+"""A product's memory bank on disk: JSON manifest + .npy arrays, written atomically.
+
+Layout of one bank directory:
+    manifest.json        format version, embedder, coreset, calibration, sha256 of each array
+    features.npy         (M, D) float32 coreset of nominal patch features
+    nominal_scores.npy   (K,) float64 held-out nominal image scores (calibration)
+Arrays load with allow_pickle=False; nothing on disk is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.core.errors import BankCorrupt, BankIncompatible
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ARRAYS = {"features": "features.npy", "nominal_scores": "nominal_scores.npy"}
+
+
+@dataclass
+class MemoryBank:
+    features: np.ndarray                 # (M, D) float32
+    nominal_scores: np.ndarray           # (K,) float64
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def embedder(self) -> dict[str, Any]:
+        return dict(self.manifest["embedder"])
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        return dict(self.manifest["calibration"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["calibration"]["threshold"])
+
+    @property
+    def size(self) -> int:
+        return int(self.features.shape[0])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_bank(bank: MemoryBank, directory: Path | str) -> Path:
+    """Write `bank` to `directory`, which must not exist yet.
+
+    Everything goes to a temporary sibling first, is fsynced, then renamed in
+    one step: a crash leaves either no bank or a whole one, never half of one.
+    """
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"bank directory already exists: {directory}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    try:
+        checksums = {}
+        arrays = {"features": np.ascontiguousarray(bank.features, dtype=np.float32),
+                  "nominal_scores": np.asarray(bank.nominal_scores, dtype=np.float64)}
+        for key, filename in ARRAYS.items():
+            path = tmp / filename
+            with path.open("wb") as handle:
+                np.save(handle, arrays[key], allow_pickle=False)
+                handle.flush()
+                os.fsync(handle.fileno())
+            checksums[filename] = _sha256(path)
+        manifest = {**bank.manifest, "format_version": FORMAT_VERSION,
+                    "bank_size": int(arrays["features"].shape[0]),
+                    "feature_dim": int(arrays["features"].shape[1]),
+                    "files": checksums}
+        with (tmp / MANIFEST).open("w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(tmp, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bank.manifest = manifest
+    return directory
+
+
+def load_bank(directory: Path | str) -> MemoryBank:
+    """Load and verify a bank; raise BankCorrupt or BankIncompatible with the reason."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise BankCorrupt(f"{directory}: no {MANIFEST}")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BankCorrupt(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise BankCorrupt(f"{manifest_path}: manifest is not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BankIncompatible(f"{directory}: bank format {version!r}, this software reads {FORMAT_VERSION}")
+    for key in ("embedder", "calibration", "files", "feature_dim", "bank_size"):
+        if key not in manifest:
+            raise BankCorrupt(f"{manifest_path}: missing field {key!r}")
+    arrays = {}
+    for key, filename in ARRAYS.items():
+        path = directory / filename
+        expected = manifest["files"].get(filename)
+        if not path.is_file():
+            raise BankCorrupt(f"{directory}: missing {filename}")
+        if expected != _sha256(path):
+            raise BankCorrupt(f"{path}: checksum mismatch (file truncated or modified)")
+        try:
+            arrays[key] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise BankCorrupt(f"{path}: unreadable array ({exc})") from exc
+    features = arrays["features"]
+    if features.ndim != 2 or features.dtype != np.float32 or not features.flags.c_contiguous:
+        raise BankCorrupt(f"{directory}: features must be a C-contiguous (M, D) float32 array")
+    if features.shape != (manifest["bank_size"], manifest["feature_dim"]):
+        raise BankCorrupt(f"{directory}: features shape {features.shape} does not match the manifest")
+    if not np.isfinite(features).all():
+        raise BankCorrupt(f"{directory}: features contain NaN or infinity")
+    if "threshold" not in manifest["calibration"]:
+        raise BankCorrupt(f"{manifest_path}: calibration has no threshold")
+    return MemoryBank(features=features, nominal_scores=arrays["nominal_scores"], manifest=manifest)

@@ -1,0 +1,172 @@
+"""Greedy coreset subsampling of the memory bank (PatchCore, Sec. 3.2, Alg. 1).
+
+Greedy k-center selection (farthest-point sampling) on a random projection of
+the features (Johnson-Lindenstrauss; the official code projects to 128 dims),
+seeded with a few random starting centres. Memory is O(N): one distance per
+point to its nearest chosen centre, never an N x N matrix.
+
+Two exact implementations of the same greedy rule:
+- `_greedy_dense` updates every point each step (one N x d product per step);
+  on a GPU that is the fastest way.
+- `_greedy_pruned` (CPU) skips the points that provably cannot get closer to
+  the new centre: a point x in the cell of centre c has d(x, p) >= d(c, p) - r_c,
+  so when d(c, p) >= 2 r_c no point of that cell can move (triangle inequality).
+  Cells shrink as centres are added, so late steps touch few points. It picks
+  the same centres as the dense rule (tested), many times faster on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from app.core.errors import BuildCancelled
+
+ProgressFn = Callable[[float], None]
+StopFn = Callable[[], bool]
+
+
+def coreset_size_for(n_features: int, ratio: float | None = None, size: int | None = None) -> int:
+    """Number of bank entries for a ratio (0, 1] or an absolute size, at least 1, at most N."""
+    if size is not None:
+        if size < 1:
+            raise ValueError("coreset size must be >= 1")
+        return min(int(size), n_features)
+    if ratio is None or not 0.0 < ratio <= 1.0:
+        raise ValueError("coreset ratio must be in (0, 1]")
+    return max(1, min(n_features, int(round(n_features * ratio))))
+
+
+def random_projection(features: np.ndarray, dim: int, seed: int, chunk: int = 65536) -> np.ndarray:
+    """(N, D) -> (N, dim) with a fixed-seed Gaussian matrix; identity when D <= dim."""
+    if features.shape[1] <= dim:
+        return features
+    rng = np.random.default_rng(seed)
+    matrix = (rng.standard_normal((features.shape[1], dim)) / np.sqrt(dim)).astype(np.float32)
+    out = np.empty((features.shape[0], dim), dtype=np.float32)
+    for start in range(0, features.shape[0], chunk):  # chunked: no (N, D) float temporaries
+        np.matmul(features[start:start + chunk], matrix, out=out[start:start + chunk])
+    return out
+
+
+def greedy_coreset(
+    features: np.ndarray,
+    size: int,
+    *,
+    projection_dim: int | None = 128,
+    num_starts: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> np.ndarray:
+    """Indices (size,) of the greedy k-center coreset of `features` (N, D) float32.
+
+    Deterministic for a seed. `projection_dim=None` runs on the full features.
+    """
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"features must be (N, D) with N > 0, got {features.shape}")
+    n = features.shape[0]
+    size = min(int(size), n)
+    points = features if projection_dim is None else random_projection(features, projection_dim, seed)
+    rng = np.random.default_rng(seed)
+    starts = rng.choice(n, size=min(num_starts, size), replace=False)
+    if torch.device(device).type == "cuda":
+        return _greedy_dense(torch.from_numpy(np.ascontiguousarray(points)).to(device), size, starts,
+                             progress, should_stop)
+    return _greedy_pruned(np.ascontiguousarray(points), size, starts, progress, should_stop)
+
+
+def _report(progress: ProgressFn | None, should_stop: StopFn | None, done: int, total: int) -> None:
+    if should_stop is not None and should_stop():
+        raise BuildCancelled("coreset selection cancelled")
+    if progress is not None:
+        progress(done / total)
+
+
+def _distances_to(points: torch.Tensor | np.ndarray, norms, centre, centre_norm):
+    """Euclidean distances of rows of `points` to one centre, via the norm identity."""
+    squared = norms - 2.0 * (points @ centre) + centre_norm
+    if isinstance(squared, torch.Tensor):
+        return squared.clamp_min_(0).sqrt_()
+    np.maximum(squared, 0, out=squared)
+    return np.sqrt(squared, out=squared)
+
+
+def _greedy_dense(points: torch.Tensor, size: int, starts: np.ndarray,
+                  progress: ProgressFn | None, should_stop: StopFn | None) -> np.ndarray:
+    norms = (points * points).sum(1)
+    min_dist = torch.full((points.shape[0],), float("inf"), device=points.device, dtype=points.dtype)
+    selected = [int(s) for s in starts]
+    for s in selected:
+        torch.minimum(min_dist, _distances_to(points, norms, points[s], norms[s]), out=min_dist)
+    step = max(1, size // 100)
+    while len(selected) < size:
+        nxt = int(torch.argmax(min_dist))
+        selected.append(nxt)
+        torch.minimum(min_dist, _distances_to(points, norms, points[nxt], norms[nxt]), out=min_dist)
+        if len(selected) % step == 0:
+            _report(progress, should_stop, len(selected), size)
+    return np.asarray(selected, dtype=np.int64)
+
+
+def _greedy_pruned(points: np.ndarray, size: int, starts: np.ndarray,
+                   progress: ProgressFn | None, should_stop: StopFn | None) -> np.ndarray:
+    n = points.shape[0]
+    norms = np.einsum("ij,ij->i", points, points)
+    centres = np.empty((size, points.shape[1]), dtype=points.dtype)
+    centre_norms = np.empty(size, dtype=points.dtype)
+    radius = np.zeros(size, dtype=points.dtype)        # r_c: max distance of a cell member to c
+    owner = np.zeros(n, dtype=np.int64)                # index of each point's nearest centre
+    min_dist = np.full(n, np.inf, dtype=points.dtype)  # distance to that centre
+    in_candidate_cell = np.zeros(size, dtype=bool)
+    selected: list[int] = []
+
+    def add_centre(index: int, members: np.ndarray | None) -> None:
+        k = len(selected)
+        centres[k], centre_norms[k] = points[index], norms[index]
+        rows = slice(None) if members is None else members
+        dist = _distances_to(points[rows], norms[rows], points[index], norms[index])
+        closer = dist < min_dist[rows]
+        moved = (np.flatnonzero(closer) if members is None else members[closer])
+        min_dist[moved] = dist[closer]
+        owner[moved] = k
+        min_dist[index], owner[index] = 0.0, k  # exact zero even with rounding
+        selected.append(index)
+
+    for s in starts:
+        add_centre(int(s), None)
+    np.maximum.at(radius, owner, min_dist)
+
+    step = max(1, size // 100)
+    while len(selected) < size:
+        nxt = int(np.argmax(min_dist))
+        if min_dist[nxt] <= 0:  # every point coincides with a centre: pad with unused points
+            unused = np.setdiff1d(np.arange(n), np.asarray(selected), assume_unique=True)
+            selected.extend(int(i) for i in unused[: size - len(selected)])
+            break
+        k = len(selected)
+        to_centres = _distances_to(centres[:k], centre_norms[:k], points[nxt], norms[nxt])
+        candidates = np.flatnonzero(to_centres < 2.0 * radius[:k])
+        in_candidate_cell[candidates] = True
+        members = np.flatnonzero(in_candidate_cell[owner])
+        in_candidate_cell[candidates] = False
+        add_centre(nxt, members)
+        # Cells only shrink: recompute the radii of the cells that may have lost points.
+        radius[candidates] = 0.0
+        np.maximum.at(radius, owner[members], min_dist[members])
+        if len(selected) % step == 0:
+            _report(progress, should_stop, len(selected), size)
+    return np.asarray(selected, dtype=np.int64)
+
+
+def coverage_radius(features: np.ndarray, indices: np.ndarray, chunk: int = 8192) -> float:
+    """max_x min_c ||x - c||: the quantity greedy k-center minimises (for tests and reports)."""
+    centres = torch.from_numpy(np.ascontiguousarray(features[indices]))
+    worst = 0.0
+    for start in range(0, features.shape[0], chunk):
+        block = torch.from_numpy(np.ascontiguousarray(features[start:start + chunk]))
+        worst = max(worst, float(torch.cdist(block, centres).min(1).values.max()))
+    return worst

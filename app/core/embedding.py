@@ -1,0 +1,150 @@
+"""Locally aware patch features (PatchCore, Sec. 3.1).
+
+images (B, 3, S, S) -> backbone stages at stride 8 and 16 -> 3x3 neighbourhood
+aggregation on each stage (Eq. 2) -> the stride-16 map upsampled to the stride-8
+grid -> both stages combined into one vector per patch: (B, S/8, S/8, D).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from app.core.backbones import DEFAULT_BACKBONE, get_backbone_spec, load_backbone
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """Everything that decides the feature space; stored in every bank.
+
+    Banks with equal configs share one backbone pass in the service.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    # The whole frame is resized to image_size x image_size (no centre crop), so
+    # defects at the image border are kept and the map maps back onto the photo.
+    image_size: int = 224
+    # Neighbourhood for local aggregation (p in the paper, 3).
+    patch_size: int = 3
+    # Channels kept per stage (adaptive average pooling over channels); None
+    # keeps them all. The official code pools every stage to 1024 even when it
+    # has 40 channels; that only replicates values and makes search 7x slower.
+    stage_dim: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EmbedderConfig:
+        return cls(**{k: data[k] for k in ("backbone", "image_size", "patch_size", "stage_dim")})
+
+    def validate(self) -> None:
+        get_backbone_spec(self.backbone)
+        if self.image_size < 32 or self.image_size % 16:
+            raise ValueError("image_size must be a multiple of 16 and at least 32")
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise ValueError("patch_size must be odd and >= 1")
+        if self.stage_dim is not None and self.stage_dim < 1:
+            raise ValueError("stage_dim must be positive")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("PATCHCORE_DEVICE=cuda but no CUDA device is available")
+    return torch.device(device)
+
+
+class PatchEmbedder:
+    """Backbone + patch aggregation. `preprocess` is thread-safe CPU work;
+    `embed` runs on the device and is serialised by a lock."""
+
+    def __init__(self, config: EmbedderConfig, device: str | torch.device = "auto",
+                 weights_path: Path | str | None = None):
+        config.validate()
+        self.config = config
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        spec = get_backbone_spec(config.backbone)
+        self._mean = np.asarray(spec.mean, dtype=np.float32) * 255.0
+        self._inv_std = 1.0 / (np.asarray(spec.std, dtype=np.float32) * 255.0)
+        self.backbone = load_backbone(config.backbone, weights_path).to(self.device)
+        self._lock = threading.Lock()
+        self.grid_size = config.image_size // 8
+        self.stage_channels = self._probe_channels()
+        self.feature_dim = sum(self._kept_dims())
+
+    # ---------------------------------------------------------------- preprocessing
+    def preprocess_one(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, S, S) float32 normalised."""
+        size = self.config.image_size
+        if image.shape[0] != size or image.shape[1] != size:
+            image = np.asarray(
+                Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+            )
+        normalised = (image.astype(np.float32) - self._mean) * self._inv_std
+        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """list of (H, W, 3) uint8 -> (B, 3, S, S) float32."""
+        return torch.stack([self.preprocess_one(image) for image in images])
+
+    # ---------------------------------------------------------------- features
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> patch features (B, S/8, S/8, D), float32 on the CPU."""
+        with self._lock:
+            stages = self.backbone(batch.to(self.device, non_blocking=True))
+            features = self.aggregate(stages)
+        return features.float().cpu()
+
+    def aggregate(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        """[(B, C1, h, w), (B, C2, h/2, w/2)] -> (B, h, w, D)."""
+        p = self.config.patch_size
+        height, width = stages[0].shape[-2:]
+        parts = []
+        for stage, kept in zip(stages, self._kept_dims(), strict=True):
+            # f_agg: average over the p x p neighbourhood of each position (Eq. 2).
+            local = F.avg_pool2d(stage, kernel_size=p, stride=1, padding=p // 2, count_include_pad=False)
+            if local.shape[-2:] != (height, width):
+                # Deeper, coarser map upsampled to the stride-8 grid (Sec. 3.1).
+                local = F.interpolate(local, size=(height, width), mode="bilinear", align_corners=False)
+            local = local.permute(0, 2, 3, 1)  # (B, h, w, C)
+            if kept < local.shape[-1]:
+                local = F.adaptive_avg_pool1d(local.reshape(-1, 1, local.shape[-1]), kept).reshape(
+                    *local.shape[:3], kept)
+            # Equal weight per stage, as the official code gets by pooling every
+            # stage to the same width: each stage contributes its mean squared
+            # difference, whatever its channel count.
+            parts.append(local * (1.0 / math.sqrt(kept)))
+        return torch.cat(parts, dim=-1).contiguous()
+
+    def _kept_dims(self) -> list[int]:
+        cap = self.config.stage_dim
+        return [channels if cap is None else min(cap, channels) for channels in self.stage_channels]
+
+    @torch.inference_mode()
+    def _probe_channels(self) -> tuple[int, ...]:
+        size = self.config.image_size
+        probe = torch.zeros(1, 3, size, size, device=self.device)
+        stages = self.backbone(probe)
+        if stages[0].shape[-1] != size // 8 or stages[1].shape[-1] != size // 16:
+            raise RuntimeError(f"backbone {self.config.backbone} does not give stride 8 and 16 maps")
+        return tuple(int(s.shape[1]) for s in stages)
+
+    def describe(self) -> dict:
+        return {**self.config.to_dict(), "feature_dim": self.feature_dim,
+                "stage_channels": list(self.stage_channels), "device": str(self.device)}
+
+
+def create_embedder(config: EmbedderConfig | None = None, device: str = "auto",
+                    weights_path: Path | str | None = None) -> PatchEmbedder:
+    return PatchEmbedder(config or EmbedderConfig(), device=device, weights_path=weights_path)

@@ -1,0 +1,224 @@
+"""PatchCore: build a memory bank from nominal images, then score new images.
+
+    build_bank(images) : embed -> greedy coreset (Sec. 3.2) -> calibrate on held-out nominals
+    PatchCoreModel.predict(images) : embed -> kNN to the bank (Sec. 3.3) -> score, decision, map
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app import __version__
+from app.core.bank import MemoryBank
+from app.core.calibration import Calibration, calibrate_f1, calibrate_from_nominal
+from app.core.coreset import coreset_size_for, greedy_coreset
+from app.core.embedding import EmbedderConfig, PatchEmbedder
+from app.core.errors import BankIncompatible, BuildCancelled, NotEnoughImages
+from app.core.images import as_rgb_array, decode_image
+from app.core.knn import NearestNeighbourIndex
+from app.core.scoring import anomaly_maps, score_patches
+
+ImageSource = Path | str | np.ndarray
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    coreset_ratio: float = 0.1          # fraction of all nominal patches kept (paper: 1-25%)
+    coreset_size: int | None = None     # absolute size; overrides the ratio
+    projection_dim: int | None = 128    # random projection for coreset selection (official: 128)
+    num_starts: int = 10                # random starting centres of the greedy selection
+    reweight_neighbours: int = 0        # b of Eq. 7; 0 = plain max-distance score
+    gaussian_sigma: float = 4.0         # anomaly map smoothing (paper: 4)
+    holdout_fraction: float = 0.1       # nominal images kept out of the bank for calibration
+    min_holdout: int = 3
+    threshold_quantile: float = 0.99
+    threshold_margin: float = 0.1
+    batch_size: int = 16
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["embedder"] = self.embedder.to_dict()
+        return data
+
+
+@dataclass
+class Prediction:
+    raw_score: float              # max patch distance to the bank (Euclidean), optionally Eq. 7
+    score: float                  # normalised: 0 = median nominal, 0.5 = threshold, clipped to [0, 1]
+    threshold: float              # raw threshold
+    is_anomalous: bool
+    anomaly_map: np.ndarray       # (H, W) float32 raw distances at the original image size
+    normalised_map: np.ndarray    # (H, W) float32, same normalisation as `score`
+
+
+def _as_array(source: ImageSource) -> np.ndarray:
+    return decode_image(Path(source), max_pixels=None) if isinstance(source, Path | str) else as_rgb_array(source)
+
+
+def _batches(sources: Sequence[ImageSource], size: int) -> Iterator[list[np.ndarray]]:
+    for start in range(0, len(sources), size):
+        yield [_as_array(s) for s in sources[start:start + size]]
+
+
+def _split_holdout(count: int, config: PatchCoreConfig) -> tuple[np.ndarray, np.ndarray]:
+    if count < 2:
+        raise NotEnoughImages(f"need at least 2 nominal images (one for the bank, one to calibrate), got {count}")
+    holdout = int(round(count * config.holdout_fraction))
+    holdout = min(max(holdout, config.min_holdout), count // 2)
+    order = np.random.default_rng(config.seed).permutation(count)
+    return np.sort(order[holdout:]), np.sort(order[:holdout])
+
+
+def embed_images(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_size: int,
+                 progress: Callable[[float], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """Stream images through the backbone into one preallocated (N * h * w, D) float32 array.
+
+    Only one batch of decoded images is in memory at a time.
+    """
+    per_image = embedder.grid_size ** 2
+    out = np.empty((len(sources) * per_image, embedder.feature_dim), dtype=np.float32)
+    row = 0
+    for done, batch in enumerate(_batches(sources, batch_size)):
+        if should_stop is not None and should_stop():
+            raise BuildCancelled("feature extraction cancelled")
+        features = embedder.embed(embedder.preprocess(batch)).numpy()
+        out[row:row + features.shape[0] * per_image] = features.reshape(-1, features.shape[-1])
+        row += features.shape[0] * per_image
+        if progress is not None:
+            progress(min(1.0, (done + 1) * batch_size / len(sources)))
+    return out
+
+
+def build_bank(
+    images: Sequence[ImageSource],
+    config: PatchCoreConfig,
+    embedder: PatchEmbedder,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    validation: tuple[Sequence[ImageSource], Sequence[int]] | None = None,
+) -> MemoryBank:
+    """Build a calibrated memory bank from nominal images.
+
+    `validation` = (images, labels with 1 = defective) switches the threshold to F1-optimal.
+    progress(phase, fraction) is called with phases features, coreset, calibration.
+    """
+    if embedder.config != config.embedder:
+        raise BankIncompatible(f"embedder {embedder.config} does not match the config's {config.embedder}")
+    report = progress or (lambda phase, fraction: None)
+    timings: dict[str, float] = {}
+    fit_ids, holdout_ids = _split_holdout(len(images), config)
+
+    start = time.perf_counter()
+    fit_sources = [images[i] for i in fit_ids]
+    features = embed_images(embedder, fit_sources, config.batch_size,
+                            lambda f: report("features", f), should_stop)
+    timings["features_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    size = coreset_size_for(features.shape[0], config.coreset_ratio, config.coreset_size)
+    selected = greedy_coreset(features, size, projection_dim=config.projection_dim,
+                              num_starts=config.num_starts, seed=config.seed, device=embedder.device,
+                              progress=lambda f: report("coreset", f), should_stop=should_stop)
+    bank_features = np.ascontiguousarray(features[np.sort(selected)])
+    total_patches = features.shape[0]
+    del features
+    timings["coreset_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    index = NearestNeighbourIndex(bank_features, use_gpu=embedder.device.type == "cuda")
+    holdout_sources = [images[i] for i in holdout_ids]
+    nominal_scores = _score_sources(embedder, index, holdout_sources, config, should_stop)
+    calibration = calibrate_from_nominal(nominal_scores, config.threshold_quantile, config.threshold_margin)
+    if validation is not None:
+        val_scores = _score_sources(embedder, index, list(validation[0]), config, should_stop)
+        calibration = calibrate_f1(val_scores, np.asarray(validation[1]), nominal_scores)
+    report("calibration", 1.0)
+    timings["calibration_s"] = time.perf_counter() - start
+
+    manifest = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "software_version": __version__,
+        "embedder": {**config.embedder.to_dict(), "feature_dim": embedder.feature_dim,
+                     "stage_channels": list(embedder.stage_channels)},
+        "config": config.to_dict(),
+        "coreset": {"ratio": config.coreset_ratio, "size": int(bank_features.shape[0]),
+                    "total_patches": int(total_patches), "projection_dim": config.projection_dim,
+                    "seed": config.seed},
+        "images": {"fit": len(fit_ids), "holdout": len(holdout_ids)},
+        "calibration": calibration.to_dict(),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "distance": "euclidean",
+    }
+    return MemoryBank(features=bank_features, nominal_scores=nominal_scores, manifest=manifest)
+
+
+def _score_sources(embedder: PatchEmbedder, index: NearestNeighbourIndex, sources: Sequence[ImageSource],
+                   config: PatchCoreConfig, should_stop: Callable[[], bool] | None) -> np.ndarray:
+    scores = []
+    for batch in _batches(sources, config.batch_size):
+        if should_stop is not None and should_stop():
+            raise BuildCancelled("calibration cancelled")
+        embeddings = embedder.embed(embedder.preprocess(batch)).numpy()
+        scores.append(score_patches(index, embeddings, config.reweight_neighbours)[1])
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+class PatchCoreModel:
+    """One product's bank, ready to score. Holds no process-global state, so many
+    products (or replicas) can live side by side."""
+
+    def __init__(self, bank: MemoryBank, embedder: PatchEmbedder):
+        stored = EmbedderConfig.from_dict(bank.embedder)
+        if stored != embedder.config:
+            raise BankIncompatible(f"bank was built with {stored}, the embedder is {embedder.config}")
+        if bank.features.shape[1] != embedder.feature_dim:
+            raise BankIncompatible(
+                f"bank features have {bank.features.shape[1]} dims, the embedder gives {embedder.feature_dim}")
+        self.bank = bank
+        self.embedder = embedder
+        config = bank.manifest.get("config", {})
+        self.reweight_neighbours = int(config.get("reweight_neighbours", 0))
+        self.gaussian_sigma = float(config.get("gaussian_sigma", 4.0))
+        self.calibration = Calibration.from_dict(bank.calibration)
+        self.index = NearestNeighbourIndex(bank.features, use_gpu=embedder.device.type == "cuda")
+
+    @property
+    def embedder_config(self) -> EmbedderConfig:
+        return self.embedder.config
+
+    def predict(self, images: Sequence[ImageSource]) -> list[Prediction]:
+        """Score a batch of images of any sizes; one Prediction per image, maps at original size."""
+        arrays = [_as_array(image) for image in images]
+        if not arrays:
+            return []
+        embeddings = self.embedder.embed(self.embedder.preprocess(arrays))
+        return self.predict_embeddings(embeddings, [a.shape[:2] for a in arrays])
+
+    def predict_embeddings(self, embeddings: torch.Tensor | np.ndarray,
+                           original_sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
+        """embeddings (B, h, w, D) from this model's embedder -> predictions."""
+        array = embeddings.numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
+        if array.ndim != 4 or array.shape[0] != len(original_sizes):
+            raise ValueError(f"embeddings must be (B, h, w, D) with B = {len(original_sizes)}, got {array.shape}")
+        patch_scores, image_scores = score_patches(self.index, array, self.reweight_neighbours)
+        maps = anomaly_maps(patch_scores, self.embedder.config.image_size, original_sizes, self.gaussian_sigma)
+        threshold = self.calibration.threshold
+        return [
+            Prediction(
+                raw_score=float(raw), score=float(self.calibration.normalise(raw)), threshold=threshold,
+                is_anomalous=bool(raw > threshold), anomaly_map=amap,
+                normalised_map=self.calibration.normalise(amap).astype(np.float32),
+            )
+            for raw, amap in zip(image_scores, maps, strict=True)
+        ]

@@ -1,0 +1,84 @@
+"""Anomaly scores and maps (PatchCore, Sec. 3.3).
+
+Distances are Euclidean (not squared) everywhere in this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from app.core.knn import NearestNeighbourIndex
+
+
+def score_patches(index: NearestNeighbourIndex, embeddings: np.ndarray,
+                  reweight_neighbours: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """embeddings (B, h, w, D) -> (patch scores (B, h, w), image scores (B,)).
+
+    Patch score: distance of each patch to its nearest bank feature.
+    Image score s*: the maximum patch score (Eq. 6). With reweight_neighbours = b > 0,
+    s* is scaled by Eq. 7: w = 1 - exp(||m_test* - m*||) / sum_{m in N_b(m*)} exp(||m_test* - m||),
+    which lowers the score when m* sits in a dense region of the bank.
+    """
+    batch, height, width, dim = embeddings.shape
+    flat = np.ascontiguousarray(embeddings.reshape(-1, dim), dtype=np.float32)
+    distances, nearest = index.search(flat, k=1)
+    patch_scores = distances[:, 0].reshape(batch, height * width)
+    worst_patch = patch_scores.argmax(axis=1)                       # m_test* per image
+    image_scores = patch_scores[np.arange(batch), worst_patch].astype(np.float64)
+    if reweight_neighbours > 0:
+        flat_worst = np.arange(batch) * height * width + worst_patch
+        image_scores *= reweighting_factors(index, flat[flat_worst], nearest[flat_worst, 0],
+                                            reweight_neighbours)
+    return patch_scores.reshape(batch, height, width), image_scores
+
+
+def reweighting_factors(index: NearestNeighbourIndex, worst_patches: np.ndarray,
+                        nearest_bank_ids: np.ndarray, neighbours: int) -> np.ndarray:
+    """Eq. 7 weights for each image: worst_patches (B, D) are m_test*, nearest_bank_ids (B,) are m*."""
+    bank_features = index.reconstruct(nearest_bank_ids)                     # m* (B, D)
+    _, neighbourhood = index.search(bank_features, k=neighbours)            # N_b(m*), m* itself first
+    weights = np.empty(len(worst_patches), dtype=np.float64)
+    for i, (patch, ids) in enumerate(zip(worst_patches, neighbourhood, strict=True)):
+        ids = ids[ids >= 0]
+        # Distances from m_test* to m* and to the other members of N_b(m*).
+        members = index.reconstruct(np.concatenate([[nearest_bank_ids[i]], ids[ids != nearest_bank_ids[i]]]))
+        dist = np.linalg.norm(members.astype(np.float64) - patch.astype(np.float64), axis=1)
+        softmax = np.exp(dist - dist.max())
+        softmax /= softmax.sum()
+        weights[i] = 1.0 - softmax[0]
+    return weights
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def anomaly_maps(patch_scores: np.ndarray, image_size: int, original_sizes: Sequence[tuple[int, int]],
+                 sigma: float = 4.0) -> list[np.ndarray]:
+    """patch scores (B, h, w) -> one map (H_i, W_i) float32 per image, at its ORIGINAL size.
+
+    As in the paper, patch scores are upsampled bilinearly to the network input
+    (S x S) and smoothed with a Gaussian of sigma 4 there. The input was the
+    whole frame resized to S x S, so resizing the map to (H, W) lays it exactly
+    over the photo the camera sent, whatever its aspect ratio.
+    """
+    scores = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[:, None]
+    maps = F.interpolate(scores, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        kernel = gaussian_kernel(sigma)
+        pad = len(kernel) // 2
+        maps = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+        maps = F.conv2d(F.pad(maps, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1))
+    out = []
+    for i, (height, width) in enumerate(original_sizes):
+        resized = F.interpolate(maps[i:i + 1], size=(int(height), int(width)), mode="bilinear",
+                                align_corners=False)
+        out.append(resized[0, 0].numpy())
+    return out
