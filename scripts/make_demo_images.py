@@ -12,10 +12,12 @@ change and commit the result:
 What it draws, 256x256 8-bit grayscale (industrial cameras are mostly mono):
 - a steel washer with concentric turning marks, an anisotropic "bow-tie"
   highlight from the ring light, lit chamfers on the bore and the rim and a
-  keyed notch in the bore, on a dark, mottled fixture with a soft shadow;
+  keyed notch in the bore, on a dark, mottled fixture (the same one in every
+  image) with a soft shadow;
 - nominal variation: the part shifts by up to 4 px, turns by up to 10 degrees,
   its radii vary by about 1 %, the light's angle, gain and gradient change,
-  the turning marks differ from part to part, and there is sensor noise;
+  the turning marks differ from part to part, the camera shakes by up to
+  3 px against the fixture, and there is sensor noise;
 - 24 nominal parts for the bank (good/) and 4 held out to try (good_test/);
 - defects, each with a 0/255 pixel mask: scratches, a dent, a pit, an oil
   stain, a crack from the bore, a chipped rim and a fibre lying on the part.
@@ -32,6 +34,7 @@ import io
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,7 @@ SIZE = 256
 SEED = 20240604
 N_GOOD = 24
 N_GOOD_TEST = 4
+FIXTURE_JITTER = 3
 OUT_DIR = Path(__file__).resolve().parent.parent / "app" / "demo" / "images"
 
 Rng = np.random.Generator
@@ -65,6 +69,16 @@ def _smooth_field(rng: Rng, cells: int, size: int = SIZE) -> np.ndarray:
     grid = rng.standard_normal((cells, cells)).astype(np.float32)
     field = np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.BICUBIC))
     return field / max(float(np.abs(field).max()), 1e-6)
+
+
+@lru_cache(maxsize=1)
+def _fixture() -> np.ndarray:
+    """The fixture's dark, mottled surface: one texture for all images, with room to jitter."""
+    rng = np.random.default_rng(SEED + 1)
+    size = SIZE + 2 * FIXTURE_JITTER
+    texture = 38 + 7 * _smooth_field(rng, 11, size) + 3 * _smooth_field(rng, 44, size)
+    texture.setflags(write=False)
+    return texture
 
 
 def _grid() -> tuple[np.ndarray, np.ndarray]:
@@ -121,11 +135,7 @@ class Washer:
         ux, uy = np.cos(p.angle), np.sin(p.angle)
         along = (self.xx - p.cx) * ux + (self.yy - p.cy) * uy
         across = -(self.xx - p.cx) * uy + (self.yy - p.cy) * ux
-        notch = (
-            np.clip(5.0 - np.abs(across) + 0.5, 0, 1)
-            * np.clip(p.r_in + 6.0 - along + 0.5, 0, 1)
-            * (along > 0)
-        )
+        notch = np.clip(5.0 - np.abs(across) + 0.5, 0, 1) * np.clip(p.r_in + 6.0 - along + 0.5, 0, 1) * (along > 0)
         return (ring * (1 - notch)).astype(np.float32)
 
     def _metal(self) -> np.ndarray:
@@ -151,7 +161,9 @@ class Washer:
 
     def _background(self) -> np.ndarray:
         p, rng = self.pose, self.rng
-        bg = 38 + 7 * _smooth_field(rng, 10) + 3 * _smooth_field(rng, 40)
+        # The same fixture under every part; the camera mount vibrates by a few px.
+        jx, jy = rng.integers(0, 2 * FIXTURE_JITTER + 1, size=2)
+        bg = _fixture()[jy : jy + SIZE, jx : jx + SIZE]
         # Soft shadow cast away from the light.
         sx, sy = -4 * np.cos(p.light), -4 * np.sin(p.light)
         srho = np.hypot(self.xx - p.cx - sx, self.yy - p.cy - sy)
