@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import logging
 import math
 import os
 import socket
@@ -105,15 +106,12 @@ class SimulationResult:
         lines = [
             f"cameras {self.cameras} x {self.rate_per_camera:g}/s "
             f"(offered {self.cameras * self.rate_per_camera:g}/s) for {self.duration_s:.1f} s",
-            f"sent {self.sent}  ok {self.ok}  anomalous {self.anomalous}  "
-            f"failed {self.failed}  skipped {self.skipped}",
+            f"sent {self.sent}  ok {self.ok}  anomalous {self.anomalous}  failed {self.failed}  skipped {self.skipped}",
             f"throughput {self.throughput:.2f}/s",
             f"latency ms  p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}  max {lat['max']}",
         ]
         if self.errors:
-            lines.append(
-                "errors  " + "  ".join(f"{k}: {v}" for k, v in sorted(self.errors.items()))
-            )
+            lines.append("errors  " + "  ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())))
         return "\n".join(lines)
 
 
@@ -290,16 +288,14 @@ def run_simulation(
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The `simulate` options; pass a subparser to add them to a larger CLI."""
-    parser = parser or argparse.ArgumentParser(
-        prog="python -m app simulate", description=__doc__.splitlines()[0]
-    )
+    parser = parser or argparse.ArgumentParser(prog="python -m app simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
     parser.add_argument("--product", default="demo", help="product to predict against")
     parser.add_argument(
         "--images",
         type=Path,
         default=None,
-        help="folder of images to stream (default: the packaged demo images, good and defective)",
+        help="folder of images to stream (default: all packaged demo images)",
     )
     parser.add_argument("--cameras", type=int, default=4, help="concurrent cameras")
     parser.add_argument("--rate", type=float, default=2.0, help="frames per second per camera")
@@ -312,9 +308,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     parser.add_argument("--heatmap", choices=("none", "png", "overlay"), default="none")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, s")
-    parser.add_argument(
-        "--max-in-flight", type=int, default=4, help="unanswered requests per camera"
-    )
+    parser.add_argument("--max-in-flight", type=int, default=4, help="unanswered requests per camera")
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback URL")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
@@ -324,10 +318,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run a parsed `simulate` command line; exit status 0 when every sent request succeeded."""
     if args.duration is None and args.requests is None:
         args.duration = 10.0
+    # httpx logs every request at INFO: thousands of lines that would bury the report.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
     if args.images is None:
-        from app.demo import demo_defect_images, demo_nominal_images
+        from app.demo import demo_defect_images, demo_nominal_images, demo_test_nominal_images
 
-        images = demo_nominal_images() + demo_defect_images()
+        images = demo_test_nominal_images() + demo_defect_images() + demo_nominal_images()
     elif args.images.is_dir():
         images = list_images(args.images)
     else:
