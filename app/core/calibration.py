@@ -63,6 +63,11 @@ def calibrate_f1(scores: np.ndarray, labels: np.ndarray, nominal_scores: np.ndar
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     best = int(np.argmax(f1[:-1]))
+    # sklearn flags score >= t; our decision is score > threshold, so sit halfway
+    # between t and the next lower validation score.
+    t = float(thresholds[best])
+    below = scores[scores < t]
+    threshold = 0.5 * (t + float(below.max())) if below.size else t - 1e-6 * max(abs(t), 1.0)
     reference = nominal_scores if len(nominal_scores) else scores[labels == 0]
-    return Calibration(threshold=float(thresholds[best]), nominal_median=float(np.median(reference)),
+    return Calibration(threshold=threshold, nominal_median=float(np.median(reference)),
                        method="f1_validation")

@@ -1,0 +1,243 @@
+"""Command line: build, predict, eval, serve, simulate.
+
+    python -m app build --product NAME --images DIR
+    python -m app predict --product NAME IMAGE... [--heatmap-dir DIR]
+    python -m app eval --data ROOT --category C [--json OUT]
+    python -m app serve [--host H] [--port P]
+    python -m app simulate --url URL --product P --images DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODELS_DIR = "models"
+
+
+def _models_dir(value: str | None) -> Path:
+    return Path(value or os.environ.get("PATCHCORE_MODELS_DIR") or DEFAULT_MODELS_DIR)
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    from app.core.backbones import BACKBONES, DEFAULT_BACKBONE
+
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
+    parser.add_argument("--weights", default=os.environ.get("PATCHCORE_BACKBONE_WEIGHTS"),
+                        help="local weights file for backbones without packaged weights (ResNets)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--stage-dim", type=int, default=None,
+                        help="channels kept per backbone stage (default: all)")
+    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--coreset-size", type=int, default=None, help="absolute bank size (overrides ratio)")
+    parser.add_argument("--reweight", type=int, default=0, metavar="B",
+                        help="Eq. 7 reweighting with B neighbours (0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"),
+                        choices=["auto", "cpu", "cuda"])
+
+
+def _config_from(args: argparse.Namespace):
+    from app.core.embedding import EmbedderConfig
+    from app.core.patchcore import PatchCoreConfig
+
+    embedder = EmbedderConfig(backbone=args.backbone, image_size=args.image_size, stage_dim=args.stage_dim)
+    return PatchCoreConfig(embedder=embedder, coreset_ratio=args.coreset_ratio, coreset_size=args.coreset_size,
+                           reweight_neighbours=args.reweight, seed=args.seed)
+
+
+class _Progress:
+    """One tqdm bar per phase, on stderr."""
+
+    def __init__(self) -> None:
+        self.phase: str | None = None
+        self.bar = None
+
+    def __call__(self, phase: str, fraction: float) -> None:
+        from tqdm import tqdm
+
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.bar = tqdm(total=100, desc=phase, unit="%", file=sys.stderr, leave=False)
+        assert self.bar is not None
+        self.bar.update(max(0, round(fraction * 100) - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from app.core.embedding import create_embedder
+    from app.core.evaluation import peak_rss_mb
+    from app.core.images import list_images
+    from app.core.patchcore import build_bank
+    from app.storage import LocalBankStore, check_product_name
+
+    check_product_name(args.product)
+    config = _config_from(args)
+    images = list_images(args.images)
+    validation = None
+    if args.validation:
+        validation = _labelled_folder(Path(args.validation))
+    embedder = create_embedder(config.embedder, device=args.device, weights_path=args.weights)
+    progress = _Progress()
+    start = time.perf_counter()
+    bank = build_bank(images, config, embedder, progress=progress, validation=validation)
+    progress.close()
+    store = LocalBankStore(_models_dir(args.models_dir))
+    version = store.save(args.product, bank, activate=not args.no_activate)
+    print(json.dumps({"product": args.product, "version": version, "bank_size": bank.size,
+                      "images": bank.manifest["images"], "threshold": bank.threshold,
+                      "build_seconds": round(time.perf_counter() - start, 2),
+                      "timings": bank.manifest["timings"], "peak_rss_mb": round(peak_rss_mb(), 1),
+                      "path": str(store.root / args.product / version)}, indent=2))
+    return 0
+
+
+def _labelled_folder(folder: Path) -> tuple[list[Path], list[int]]:
+    """folder/good/* are nominal (0); every other subfolder holds defective images (1)."""
+    from app.core.images import list_images
+
+    images, labels = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for path in list_images(sub):
+            images.append(path)
+            labels.append(0 if sub.name == "good" else 1)
+    return images, labels
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from app.core.embedding import EmbedderConfig, create_embedder
+    from app.core.images import decode_image
+    from app.core.patchcore import PatchCoreModel
+    from app.service.rendering import overlay_png
+    from app.storage import LocalBankStore
+
+    store = LocalBankStore(_models_dir(args.models_dir))
+    version, bank = store.load(args.product, args.version)
+    embedder = create_embedder(EmbedderConfig.from_dict(bank.embedder), device=args.device,
+                               weights_path=args.weights)
+    model = PatchCoreModel(bank, embedder)
+    heatmap_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
+    if heatmap_dir is not None:
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+    any_anomalous = False
+    for path in args.images:
+        image = decode_image(Path(path), max_pixels=None)
+        prediction = model.predict([image])[0]
+        any_anomalous |= prediction.is_anomalous
+        record = {"image": str(path), "raw_score": round(prediction.raw_score, 4),
+                  "score": round(prediction.score, 4), "threshold": round(prediction.threshold, 4),
+                  "is_anomalous": prediction.is_anomalous, "product": args.product, "version": version}
+        if heatmap_dir is not None:
+            out = heatmap_dir / f"{Path(path).stem}_heatmap.png"
+            out.write_bytes(overlay_png(prediction.normalised_map, image))
+            record["heatmap"] = str(out)
+        print(json.dumps(record))
+    return 1 if args.fail_on_anomaly and any_anomalous else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from app.core.embedding import create_embedder
+    from app.core.evaluation import evaluate_category, read_category
+
+    config = _config_from(args)
+    category = read_category(args.data, args.category)
+    # magnetic_tile's masks are anti-aliased; its dataset README says defect = value > 127.
+    mask_threshold = args.mask_threshold
+    if mask_threshold is None:
+        mask_threshold = 127 if args.category == "magnetic_tile" else 0
+    embedder = create_embedder(config.embedder, device=args.device, weights_path=args.weights)
+    progress = _Progress()
+    result = evaluate_category(category, config, embedder, mask_threshold=mask_threshold, progress=progress)
+    progress.close()
+    result["mask_threshold"] = mask_threshold
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.service.api import serve
+
+    serve(host=args.host, port=args.port)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from app.simulate import run_from_args
+
+    return int(run_from_args(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="build a product's bank from a folder of nominal images")
+    build.add_argument("--product", required=True)
+    build.add_argument("--images", required=True, help="folder of defect-free images")
+    build.add_argument("--models-dir", default=None, help="bank store root (default $PATCHCORE_MODELS_DIR or ./models)")
+    build.add_argument("--validation", default=None,
+                       help="labelled folder (good/ + defect subfolders): use the F1-optimal threshold")
+    build.add_argument("--no-activate", action="store_true", help="store the version without making it active")
+    _add_engine_options(build)
+    build.set_defaults(func=cmd_build)
+
+    predict = sub.add_parser("predict", help="score images with a product's active bank")
+    predict.add_argument("--product", required=True)
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--models-dir", default=None)
+    predict.add_argument("--version", default=None, help="bank version (default: the active one)")
+    predict.add_argument("--heatmap-dir", default=None, help="write heatmaps overlaid on the photos here")
+    predict.add_argument("--weights", default=os.environ.get("PATCHCORE_BACKBONE_WEIGHTS"))
+    predict.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"),
+                         choices=["auto", "cpu", "cuda"])
+    predict.add_argument("--fail-on-anomaly", action="store_true", help="exit 1 when any image is anomalous")
+    predict.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser("eval", help="accuracy and speed on an MVTec-layout category")
+    evaluate.add_argument("--data", required=True, help="MVTec-layout root")
+    evaluate.add_argument("--category", required=True)
+    evaluate.add_argument("--json", default=None, help="also write the result here")
+    evaluate.add_argument("--mask-threshold", type=int, default=None,
+                          help="mask value above which a pixel is defective (default 0; 127 for magnetic_tile)")
+    _add_engine_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    serve = sub.add_parser("serve", help="run the REST service")
+    serve.add_argument("--host", default=os.environ.get("PATCHCORE_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PATCHCORE_PORT", "8000")))
+    serve.set_defaults(func=cmd_serve)
+
+    from app.simulate import build_parser as build_simulate_parser
+
+    simulate = sub.add_parser("simulate", help="stream a folder of images to the service like camera lines")
+    build_simulate_parser(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from app.core.errors import PatchCoreError
+    from app.storage import InvalidName, ProductNotFound
+
+    try:
+        return int(args.func(args))
+    except (PatchCoreError, InvalidName, ProductNotFound, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,116 @@
+import json
+
+import numpy as np
+import pytest
+
+from app.core.bank import MemoryBank, load_bank, save_bank
+from app.core.errors import BankCorrupt, BankIncompatible
+from app.storage import InvalidName, LocalBankStore, ProductNotFound
+
+
+def _bank(rows=50, dim=8):
+    rng = np.random.default_rng(0)
+    return MemoryBank(
+        features=rng.normal(size=(rows, dim)).astype(np.float32),
+        nominal_scores=np.array([1.0, 1.2, 1.1]),
+        manifest={"embedder": {"backbone": "efficientnet_lite0", "image_size": 224, "patch_size": 3,
+                               "stage_dim": None, "feature_dim": dim},
+                  "calibration": {"threshold": 1.5, "nominal_median": 1.1, "method": "nominal_quantile"},
+                  "created_at": "2026-01-01T00:00:00+00:00"},
+    )
+
+
+def test_round_trip_really_reads_from_disk(tmp_path):
+    bank = _bank()
+    save_bank(bank, tmp_path / "v1")
+    manifest = json.loads((tmp_path / "v1" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"features.npy", "nominal_scores.npy"}
+    assert all(len(h) == 64 for h in manifest["files"].values())
+    loaded = load_bank(tmp_path / "v1")
+    np.testing.assert_array_equal(loaded.features, bank.features)
+    np.testing.assert_array_equal(loaded.nominal_scores, bank.nominal_scores)
+    assert loaded.threshold == 1.5 and loaded.size == 50
+    with pytest.raises(FileExistsError):
+        save_bank(bank, tmp_path / "v1")
+
+
+def test_corrupt_truncated_and_missing_files_are_refused(tmp_path):
+    save_bank(_bank(), tmp_path / "b")
+    features = tmp_path / "b" / "features.npy"
+    data = bytearray(features.read_bytes())
+    data[-3] ^= 0xFF
+    features.write_bytes(bytes(data))
+    with pytest.raises(BankCorrupt, match="checksum"):
+        load_bank(tmp_path / "b")
+    features.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(BankCorrupt, match="checksum"):
+        load_bank(tmp_path / "b")
+    features.unlink()
+    with pytest.raises(BankCorrupt, match="missing features.npy"):
+        load_bank(tmp_path / "b")
+    (tmp_path / "b" / "manifest.json").write_text("{not json")
+    with pytest.raises(BankCorrupt, match="unreadable manifest"):
+        load_bank(tmp_path / "b")
+    with pytest.raises(BankCorrupt, match="no manifest"):
+        load_bank(tmp_path / "nothing-here")
+
+
+def test_pickled_array_is_never_loaded(tmp_path):
+    save_bank(_bank(), tmp_path / "b")
+    path = tmp_path / "b" / "features.npy"
+    np.save(path, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    manifest_path = tmp_path / "b" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    import hashlib
+
+    manifest["files"]["features.npy"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BankCorrupt, match="unreadable array"):
+        load_bank(tmp_path / "b")
+
+
+def test_incompatible_format_version(tmp_path):
+    save_bank(_bank(), tmp_path / "b")
+    manifest_path = tmp_path / "b" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 99
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BankIncompatible, match="format 99"):
+        load_bank(tmp_path / "b")
+
+
+def test_crash_during_save_leaves_no_half_bank(tmp_path, monkeypatch):
+    import app.core.bank as bank_module
+
+    def failing_sha(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bank_module, "_sha256", failing_sha)
+    with pytest.raises(OSError, match="disk full"):
+        save_bank(_bank(), tmp_path / "v1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_store_versions_activate_rollback_delete(tmp_path):
+    store = LocalBankStore(tmp_path)
+    assert store.products() == []
+    first = store.save("bottle", _bank())
+    second = store.save("bottle", _bank(rows=60))
+    assert store.products() == ["bottle"]
+    assert store.versions("bottle") == sorted([first, second])
+    assert store.active_version("bottle") == second
+    assert store.load("bottle")[1].size == 60
+    store.activate("bottle", first)
+    assert store.load("bottle") [0] == first
+    third = store.save("bottle", _bank(rows=70), activate=False)
+    assert store.active_version("bottle") == first and third in store.versions("bottle")
+    with pytest.raises(ProductNotFound):
+        store.activate("bottle", "20990101T000000Z-abcdef")
+    with pytest.raises(InvalidName):
+        store.load("../etc")
+    with pytest.raises(InvalidName):
+        store.activate("bottle", "../../x")
+    store.delete_product("bottle")
+    assert store.products() == [] and not (tmp_path / "bottle").exists()
+    with pytest.raises(ProductNotFound):
+        store.load("bottle")

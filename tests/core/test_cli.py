@@ -1,0 +1,74 @@
+"""The command line as an engineer uses it: real processes, real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(*args, cwd=REPO):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def mini_mvtec(shared_data, tmp_path_factory):
+    """A tiny MVTec-layout root of symlinks into ../shared/data (nothing copied)."""
+    root = tmp_path_factory.mktemp("mvtec")
+    src = shared_data / "bottle"
+    picks = {"train/good": 10, "test/good": 3, "test/broken_large": 3}
+    for sub, count in picks.items():
+        (root / "bottle" / sub).mkdir(parents=True)
+        for path in sorted((src / sub).glob("*.png"))[:count]:
+            (root / "bottle" / sub / path.name).symlink_to(path)
+            mask = src / "ground_truth" / "broken_large" / f"{path.stem}_mask.png"
+            if sub == "test/broken_large":
+                (root / "bottle" / "ground_truth" / "broken_large").mkdir(parents=True, exist_ok=True)
+                (root / "bottle" / "ground_truth" / "broken_large" / mask.name).symlink_to(mask)
+    return root
+
+
+def test_build_then_predict_with_heatmaps(mini_mvtec, tmp_path):
+    models = tmp_path / "models"
+    built = _run("build", "--product", "bottle", "--images", str(mini_mvtec / "bottle" / "train" / "good"),
+                 "--models-dir", str(models), "--image-size", "128", "--coreset-ratio", "0.2", "--device", "cpu")
+    assert built.returncode == 0, built.stderr
+    summary = json.loads(built.stdout)
+    assert summary["product"] == "bottle" and summary["bank_size"] > 0
+    assert (models / "bottle" / summary["version"] / "manifest.json").is_file()
+
+    images = sorted((mini_mvtec / "bottle" / "test" / "broken_large").glob("*.png"))[:2]
+    predicted = _run("predict", "--product", "bottle", *map(str, images), "--models-dir", str(models),
+                     "--heatmap-dir", str(tmp_path / "heat"), "--device", "cpu")
+    assert predicted.returncode == 0, predicted.stderr
+    records = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert len(records) == 2 and all(r["is_anomalous"] for r in records)
+    with Image.open(records[0]["heatmap"]) as heatmap:
+        assert heatmap.size == (900, 900)
+
+
+def test_clear_errors_for_bad_input(tmp_path):
+    missing = _run("predict", "--product", "nope", str(tmp_path / "x.png"), "--models-dir", str(tmp_path))
+    assert missing.returncode == 2 and "no bank" in missing.stderr
+    bad_name = _run("build", "--product", "../evil", "--images", str(tmp_path), "--models-dir", str(tmp_path))
+    assert bad_name.returncode == 2 and "must match" in bad_name.stderr
+
+
+def test_eval_writes_the_metrics(mini_mvtec, tmp_path):
+    out = tmp_path / "eval.json"
+    result = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--image-size", "128",
+                  "--coreset-ratio", "0.2", "--json", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    for key in ("image_auroc", "pixel_auroc", "bank_size", "build_seconds", "predict_ms_per_image", "peak_rss_mb"):
+        assert metrics[key] is not None, key
+    assert metrics["image_auroc"] == 1.0
+    assert 0.8 < metrics["pixel_auroc"] <= 1.0
+    assert set(metrics["predict_ms_split"]) == {"decode", "backbone", "search", "map", "total"}

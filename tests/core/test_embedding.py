@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.core.embedding import EmbedderConfig
+
+
+def test_patch_features_shape_and_batch_independence(lite0):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(224, 224), (300, 180), (97, 401)]]
+    batched = lite0.embed(lite0.preprocess(images))
+    assert batched.shape == (3, 28, 28, lite0.feature_dim) and batched.dtype == torch.float32
+    assert lite0.feature_dim == 40 + 112
+    for i, image in enumerate(images):
+        single = lite0.embed(lite0.preprocess([image]))
+        torch.testing.assert_close(single[0], batched[i], rtol=1e-4, atol=1e-4)
+
+
+def test_aggregation_is_3x3_average_then_upsample_with_equal_stage_weight(lite0):
+    torch.manual_seed(0)
+    stage8, stage16 = torch.randn(2, 40, 28, 28), torch.randn(2, 112, 14, 14)
+    features = lite0.aggregate([stage8, stage16])
+    assert features.shape == (2, 28, 28, 152)
+    # An interior position of the stride-8 stage: the mean of its 3x3 neighbourhood, / sqrt(40).
+    expected = stage8[0, :, 4:7, 9:12].mean(dim=(1, 2)) / np.sqrt(40)
+    torch.testing.assert_close(features[0, 5, 10, :40], expected)
+    # The stride-16 stage is aggregated on its own grid, then upsampled bilinearly.
+    pooled = F.avg_pool2d(stage16, 3, 1, 1, count_include_pad=False)
+    up = F.interpolate(pooled, size=(28, 28), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(features[1, :, :, 40:], up[1].permute(1, 2, 0) / np.sqrt(112))
+
+
+def test_stage_dim_pools_channels(lite0_small):
+    from app.core.embedding import create_embedder
+
+    reduced = create_embedder(EmbedderConfig(image_size=128, stage_dim=32), device="cpu")
+    assert reduced.feature_dim == 32 + 32
+    out = reduced.embed(reduced.preprocess([np.zeros((50, 60, 3), np.uint8)]))
+    assert out.shape == (1, 16, 16, 64)
+
+
+@pytest.mark.parametrize("bad", [{"image_size": 100}, {"patch_size": 2}, {"stage_dim": 0}])
+def test_invalid_config_is_refused(bad):
+    with pytest.raises(ValueError):
+        EmbedderConfig(**bad).validate()

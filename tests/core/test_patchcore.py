@@ -1,0 +1,103 @@
+"""Build a bank from real nominal images and score real defects (../shared/data)."""
+
+import numpy as np
+import pytest
+
+from app.core.embedding import EmbedderConfig
+from app.core.errors import BankIncompatible, BuildCancelled, NotEnoughImages
+from app.core.images import decode_image, list_images
+from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank
+from app.storage import LocalBankStore
+
+SMALL = PatchCoreConfig(embedder=EmbedderConfig(image_size=128), coreset_ratio=0.25, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def bottle(shared_data):
+    root = shared_data / "bottle"
+    return {
+        "train": list_images(root / "train" / "good")[:12],
+        "good": list_images(root / "test" / "good")[:4],
+        "defect": [list_images(root / "test" / kind)[i] for kind in ("broken_large", "contamination")
+                   for i in range(2)],
+    }
+
+
+@pytest.fixture(scope="module")
+def bottle_model(bottle, lite0_small):
+    phases = []
+    bank = build_bank(bottle["train"], SMALL, lite0_small, progress=lambda p, f: phases.append((p, f)))
+    assert [p for p, _ in phases][0] == "features" and phases[-1] == ("calibration", 1.0)
+    assert {p for p, _ in phases} == {"features", "coreset", "calibration"}
+    return PatchCoreModel(bank, lite0_small)
+
+
+def test_defects_score_above_nominal(bottle_model, bottle):
+    good = bottle_model.predict([decode_image(p) for p in bottle["good"]])
+    defect = bottle_model.predict([decode_image(p) for p in bottle["defect"]])
+    assert min(d.raw_score for d in defect) > max(g.raw_score for g in good)
+    assert all(d.is_anomalous for d in defect)
+    assert sum(g.is_anomalous for g in good) <= 1
+    for prediction in good + defect:
+        assert prediction.anomaly_map.shape == (900, 900)
+        assert 0.0 <= prediction.score <= 1.0
+        assert (prediction.score > 0.5) == prediction.is_anomalous
+
+
+def test_bank_manifest_records_the_setup(bottle_model):
+    manifest = bottle_model.bank.manifest
+    assert manifest["embedder"]["backbone"] == "efficientnet_lite0"
+    assert manifest["embedder"]["image_size"] == 128
+    assert manifest["coreset"]["ratio"] == 0.25
+    total = manifest["coreset"]["total_patches"]
+    assert manifest["coreset"]["size"] == round(total * 0.25) == bottle_model.bank.size
+    assert manifest["images"] == {"fit": 9, "holdout": 3}
+    assert manifest["calibration"]["threshold"] > manifest["calibration"]["nominal_median"]
+
+
+def test_batched_equals_one_at_a_time(bottle_model, bottle):
+    images = [decode_image(p) for p in bottle["good"][:2] + bottle["defect"][:2]]
+    batched = bottle_model.predict(images)
+    for image, together in zip(images, batched, strict=True):
+        alone = bottle_model.predict([image])[0]
+        assert alone.raw_score == pytest.approx(together.raw_score, rel=1e-4)
+        np.testing.assert_allclose(alone.anomaly_map, together.anomaly_map, rtol=1e-3, atol=1e-3)
+
+
+def test_save_load_predict_round_trip(bottle_model, bottle, lite0_small, tmp_path):
+    store = LocalBankStore(tmp_path)
+    version = store.save("bottle", bottle_model.bank)
+    loaded_version, bank = store.load("bottle")
+    assert loaded_version == version
+    reloaded = PatchCoreModel(bank, lite0_small)
+    image = decode_image(bottle["defect"][0])
+    assert reloaded.predict([image])[0].raw_score == pytest.approx(bottle_model.predict([image])[0].raw_score)
+
+
+def test_bank_for_another_embedder_is_refused(bottle_model, lite0):
+    with pytest.raises(BankIncompatible, match="built with"):
+        PatchCoreModel(bottle_model.bank, lite0)
+
+
+def test_grayscale_non_square_images_map_back_to_their_size(shared_data, lite0_small):
+    tiles = list_images(shared_data / "magnetic_tile" / "train" / "good")[:6]
+    bank = build_bank(tiles, SMALL, lite0_small)
+    model = PatchCoreModel(bank, lite0_small)
+    defect = list_images(shared_data / "magnetic_tile" / "test" / "blowhole")[0]
+    image = decode_image(defect)
+    prediction = model.predict([image])[0]
+    assert prediction.anomaly_map.shape == image.shape[:2]
+    assert image.shape[0] != image.shape[1]
+
+
+def test_too_few_images_and_cancel(bottle, lite0_small):
+    with pytest.raises(NotEnoughImages):
+        build_bank(bottle["train"][:1], SMALL, lite0_small)
+    with pytest.raises(BuildCancelled):
+        build_bank(bottle["train"][:4], SMALL, lite0_small, should_stop=lambda: True)
+
+
+def test_f1_threshold_from_a_labelled_validation_set(bottle, lite0_small):
+    validation = (bottle["good"] + bottle["defect"], [0] * 4 + [1] * 4)
+    bank = build_bank(bottle["train"][:6], SMALL, lite0_small, validation=validation)
+    assert bank.manifest["calibration"]["method"] == "f1_validation"
