@@ -19,8 +19,8 @@ class Calibration:
     # Reference point mapped to normalised score 0: the median nominal score.
     nominal_median: float
     method: str
-    quantile: float | None = None
-    margin: float | None = None
+    false_alarm_rate: float | None = None
+    holdout_images: int | None = None
 
     def normalise(self, raw: np.ndarray | float) -> np.ndarray:
         """Piecewise-linear map: nominal median -> 0, threshold -> 0.5, clipped to [0, 1]."""
@@ -28,28 +28,40 @@ class Calibration:
         return np.clip(0.5 + 0.5 * (np.asarray(raw, dtype=np.float64) - self.threshold) / spread, 0.0, 1.0)
 
     def to_dict(self) -> dict:
-        return {"threshold": self.threshold, "nominal_median": self.nominal_median,
-                "method": self.method, "quantile": self.quantile, "margin": self.margin}
+        return {"threshold": self.threshold, "nominal_median": self.nominal_median, "method": self.method,
+                "false_alarm_rate": self.false_alarm_rate, "holdout_images": self.holdout_images}
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
         return cls(threshold=float(data["threshold"]), nominal_median=float(data["nominal_median"]),
-                   method=str(data.get("method", "nominal_quantile")), quantile=data.get("quantile"),
-                   margin=data.get("margin"))
+                   method=str(data.get("method", "nominal_prediction_bound")),
+                   false_alarm_rate=data.get("false_alarm_rate"), holdout_images=data.get("holdout_images"))
 
 
-def calibrate_from_nominal(scores: np.ndarray, quantile: float = 0.99, margin: float = 0.1) -> Calibration:
-    """threshold = q-quantile of held-out nominal scores, raised by `margin` of the
-    gap between that quantile and the median (a few held-out images rarely show
-    the true tail of the nominal distribution)."""
+def calibrate_from_nominal(scores: np.ndarray, false_alarm_rate: float = 0.01) -> Calibration:
+    """Threshold = upper one-sided prediction bound for the NEXT nominal image's score.
+
+    Nominal scores are distances, positive and right-skewed, so the bound is set
+    on log scores: exp(mean + t_{n-1, 1-a} * sd * sqrt(1 + 1/n)). Student's t and
+    the sqrt(1 + 1/n) term widen it when only a few images were held out: an
+    empirical quantile of 3-5 scores is just their maximum, and about one new
+    good part in n would land above it. Never below the largest held-out score.
+    """
+    from scipy.stats import t as student_t
+
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
         raise ValueError("no nominal scores to calibrate from")
     median = float(np.median(scores))
-    q = float(np.quantile(scores, quantile))
-    spread = max(q - median, 0.05 * abs(median), 1e-6)
-    return Calibration(threshold=q + margin * spread,
-                       nominal_median=median, method="nominal_quantile", quantile=quantile, margin=margin)
+    logs = np.log(np.maximum(scores, 1e-12))
+    n = scores.size
+    if n >= 2:
+        sd = max(float(logs.std(ddof=1)), 0.02)  # floor: identical scores must not give a zero-width bound
+        bound = float(np.exp(logs.mean() + student_t.ppf(1.0 - false_alarm_rate, n - 1) * sd * np.sqrt(1 + 1 / n)))
+    else:
+        bound = 1.5 * float(scores[0])  # one image says nothing about the spread
+    return Calibration(threshold=max(bound, float(scores.max()) * 1.001), nominal_median=median,
+                       method="nominal_prediction_bound", false_alarm_rate=false_alarm_rate, holdout_images=n)
 
 
 def calibrate_f1(scores: np.ndarray, labels: np.ndarray, nominal_scores: np.ndarray) -> Calibration:

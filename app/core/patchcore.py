@@ -39,9 +39,8 @@ class PatchCoreConfig:
     reweight_neighbours: int = 0        # b of Eq. 7; 0 = plain max-distance score
     gaussian_sigma: float = 4.0         # anomaly map smoothing (paper: 4)
     holdout_fraction: float = 0.1       # nominal images kept out of the bank for calibration
-    min_holdout: int = 3
-    threshold_quantile: float = 0.99
-    threshold_margin: float = 0.1
+    min_holdout: int = 5
+    false_alarm_rate: float = 0.01      # target rate of good parts flagged, for the threshold
     batch_size: int = 16
     seed: int = 0
 
@@ -139,7 +138,7 @@ def build_bank(
     index = NearestNeighbourIndex(bank_features, use_gpu=embedder.device.type == "cuda")
     holdout_sources = [images[i] for i in holdout_ids]
     nominal_scores = _score_sources(embedder, index, holdout_sources, config, should_stop)
-    calibration = calibrate_from_nominal(nominal_scores, config.threshold_quantile, config.threshold_margin)
+    calibration = calibrate_from_nominal(nominal_scores, config.false_alarm_rate)
     if validation is not None:
         val_scores = _score_sources(embedder, index, list(validation[0]), config, should_stop)
         calibration = calibrate_f1(val_scores, np.asarray(validation[1]), nominal_scores)

@@ -4,16 +4,27 @@ import pytest
 from app.core.calibration import Calibration, calibrate_f1, calibrate_from_nominal
 
 
-def test_threshold_from_nominal_scores_only():
-    scores = np.linspace(1.0, 2.0, 101)
-    calibration = calibrate_from_nominal(scores, quantile=0.99, margin=0.1)
-    q = np.quantile(scores, 0.99)
-    assert calibration.threshold == pytest.approx(q + 0.1 * (q - 1.5))
-    assert calibration.threshold > scores.max() - 1e-9
+def test_threshold_is_a_prediction_bound_from_nominal_scores_only():
+    rng = np.random.default_rng(0)
+    population = np.exp(rng.normal(0.7, 0.08, 200_000))       # log-normal nominal scores
+    calibration = calibrate_from_nominal(population[:25], false_alarm_rate=0.01)
+    assert calibration.threshold > population[:25].max()
+    # On unseen nominal parts the false alarm rate is near the target, not "1 in n".
+    assert (population[25:] > calibration.threshold).mean() < 0.03
     assert calibration.normalise(calibration.threshold) == pytest.approx(0.5)
     assert calibration.normalise(calibration.nominal_median) == pytest.approx(0.0)
     assert calibration.normalise(1e9) == 1.0 and calibration.normalise(-1e9) == 0.0
     assert Calibration.from_dict(calibration.to_dict()) == calibration
+
+
+def test_few_held_out_images_widen_the_bound():
+    rng = np.random.default_rng(1)
+    scores = np.exp(rng.normal(0.7, 0.08, 40))
+    few = calibrate_from_nominal(scores[:4]).threshold - np.exp(0.7)
+    many = calibrate_from_nominal(scores).threshold - np.exp(0.7)
+    assert few > many > 0
+    assert calibrate_from_nominal(np.array([2.0])).threshold == pytest.approx(3.0)
+    assert calibrate_from_nominal(np.array([2.0, 2.0, 2.0])).threshold > 2.0
 
 
 def test_f1_threshold_separates_a_labelled_set():

@@ -51,7 +51,7 @@ def test_bank_manifest_records_the_setup(bottle_model):
     assert manifest["coreset"]["ratio"] == 0.25
     total = manifest["coreset"]["total_patches"]
     assert manifest["coreset"]["size"] == round(total * 0.25) == bottle_model.bank.size
-    assert manifest["images"] == {"fit": 9, "holdout": 3}
+    assert manifest["images"] == {"fit": 7, "holdout": 5}
     assert manifest["calibration"]["threshold"] > manifest["calibration"]["nominal_median"]
 
 
