@@ -28,11 +28,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank  # noqa: E402
-from app.storage import LocalBankStore  # noqa: E402
-
 from app.core.embedding import create_embedder  # noqa: E402
 from app.core.images import decode_image  # noqa: E402
+from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank  # noqa: E402
+from app.storage import LocalBankStore  # noqa: E402
 
 PRODUCT = "bench"
 

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import storage
 from app.core import errors as core
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     RequestTimedOut: (504, "timeout"),
     NotReady: (503, "not_ready"),
     ClientGone: (499, "client_closed_request"),
+    storage.ProductNotFound: (404, "product_not_found"),
+    storage.InvalidName: (422, "invalid_name"),
     core.InvalidImage: (400, "invalid_image"),
     core.ImageTooLarge: (413, "image_too_large"),
     core.NotEnoughImages: (422, "not_enough_images"),

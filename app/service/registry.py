@@ -150,10 +150,9 @@ class ProductRegistry:
         product was already serving, the old model keeps serving.
         """
         try:
-            version = version or self.store.active_version(name)
-            bank = self.store.load(name, version)
+            version, bank = self.store.load(name, version)
             return self.install(name, version, bank)
-        except (PatchCoreError, OSError, ValueError, KeyError, TypeError) as exc:
+        except (PatchCoreError, OSError, ValueError, LookupError, TypeError) as exc:
             logger.error("bank for %s failed to load: %s", name, exc,
                          extra={"product": name, "version": version})
             failed = FailedProduct(name, version, str(exc) or type(exc).__name__,
@@ -188,7 +187,7 @@ class ProductRegistry:
             raise ProductNotFound(f"no product named {name!r}")
         if version not in versions:
             raise VersionNotFound(f"{name!r} has no version {version!r}; it has {versions}")
-        bank = self.store.load(name, version)
+        _, bank = self.store.load(name, version)
         self.store.activate(name, version)
         return self.install(name, version, bank)
 

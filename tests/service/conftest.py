@@ -27,7 +27,7 @@ from app.service.settings import Settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 ADMIN = {"X-API-Key": ADMIN_KEY}
-TRAIN_IMAGES = 8
+TRAIN_IMAGES = 10
 
 
 def data_root() -> Path | None:

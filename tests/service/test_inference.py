@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from app.core.patchcore import PatchCoreModel
 
 from app.core.images import decode_image
+from app.core.patchcore import PatchCoreModel
 from app.service.inference import prepare, run_batch
 from app.service.registry import LoadedProduct, describe_bank
 

@@ -4,6 +4,7 @@ as failed while the others serve; the demo bank is built on a fresh machine."""
 from __future__ import annotations
 
 import pytest
+
 from app.storage import LocalBankStore
 
 from .conftest import ADMIN, start_server, stop_server, test_settings
