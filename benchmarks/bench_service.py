@@ -1,12 +1,26 @@
-"""Service benchmark: throughput and latency percentiles through real HTTP.
+"""Service benchmark: throughput and latency through real HTTP, against the bare engine.
 
-Builds one bank from real MVTec bottle images (in-process, once), then for
-micro-batching on and off starts the service with uvicorn in a subprocess on a
-loopback port and runs bounded request loops at each concurrency level (httpx,
-raw image bodies, heatmap=none). Finally it times the engine in-process at the
-same batch sizes (decode + predict) and reports the service's overhead.
+Builds one bank from real MVTec bottle images (in-process, once) and saves it
+with LocalBankStore. Then, for micro-batching on and off, it starts the service
+with uvicorn in a subprocess on a loopback port and runs bounded request loops at
+each concurrency level (httpx, raw image bodies, heatmap=none). Finally it times
+the engine in a FRESH subprocess: same interpreter and environment, `app`
+imported first (so OPENBLAS_CORETYPE is set before faiss loads, as in the
+service), the service's torch thread count, the same bank loaded from disk, the
+same images, and per request the work the service does (decode bytes ->
+PatchCoreModel.predict, no heatmap rendering), at batch 1 and at the mean batch
+sizes the service achieved, on a worker thread like the service's batch worker.
+(Timing it on the main thread is not honest: there torch's and faiss's OpenMP
+runtimes spin against each other and a backbone pass takes ~60x longer.)
 
-    .venv/bin/python benchmarks/bench_service.py --requests 48 --json out/bench.json
+Overhead = service / engine - 1:
+  latency:    service median latency at concurrency 1 (batching off and on)
+              vs the engine's median time for one batch of 1;
+  throughput: engine images/s at the service's mean batch size vs service req/s
+              (per row; the headline is concurrency 16).
+
+    .venv/bin/python benchmarks/bench_service.py --json out/bench.json
+    .venv/bin/python benchmarks/bench_service.py --requests 8 --quick   # validation only
 """
 
 from __future__ import annotations
@@ -14,26 +28,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.core.embedding import create_embedder  # noqa: E402
-from app.core.images import decode_image  # noqa: E402
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+# Importing anything from `app` runs app/__init__ first, which sets OPENBLAS_CORETYPE
+# before faiss (and its OpenBLAS) loads, as in the service; torch does not load faiss.
+from app.core.embedding import EmbedderConfig, create_embedder  # noqa: E402
+from app.core.images import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
 from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank  # noqa: E402
 from app.storage import LocalBankStore  # noqa: E402
 
 PRODUCT = "bench"
+GOAL = 0.15
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -48,20 +68,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_service(models: Path, batch: int, wait_ms: float, queue: int) -> tuple:
+def child_env(device: str) -> dict[str, str]:
+    """The environment of both the service and the engine subprocess."""
+    return {**os.environ, "PATCHCORE_DEVICE": device, "PATCHCORE_DEMO": "false",
+            "PATCHCORE_LOG_LEVEL": "WARNING"}
+
+
+# The service child writes what the engine child must match, then serves.
+SERVICE_CHILD = """
+import json, os, sys, pathlib
+import app, torch
+pathlib.Path(sys.argv[1]).write_text(json.dumps({{
+    "torch_threads": torch.get_num_threads(),
+    "torch_interop_threads": torch.get_num_interop_threads(),
+    "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}}))
+from app.service.api import serve
+serve("127.0.0.1", {port})
+"""
+
+
+def start_service(models: Path, device: str, batch: int, wait_ms: float, queue: int,
+                  info: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PATCHCORE_MODELS_DIR": str(models), "PATCHCORE_DEMO": "false",
-           "PATCHCORE_DEVICE": os.environ.get("PATCHCORE_DEVICE", "auto"),
+    env = {**child_env(device), "PATCHCORE_MODELS_DIR": str(models),
            "PATCHCORE_MAX_BATCH_SIZE": str(batch), "PATCHCORE_MAX_WAIT_MS": str(wait_ms),
-           "PATCHCORE_QUEUE_SIZE": str(queue), "PATCHCORE_LOG_LEVEL": "WARNING"}
+           "PATCHCORE_QUEUE_SIZE": str(queue)}
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115 -- a pipe nobody reads could fill and stall the server
     process = subprocess.Popen(
-        [sys.executable, "-c", f"from app.service.api import serve; serve('127.0.0.1', {port})"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [sys.executable, "-c", SERVICE_CHILD.format(port=port), str(info)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(process.stderr.read().decode()[-2000:])
+            stderr.seek(0)
+            raise RuntimeError(stderr.read().decode(errors="replace")[-2000:])
         try:
             if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
                 return process, url
@@ -72,128 +113,254 @@ def start_service(models: Path, batch: int, wait_ms: float, queue: int) -> tuple
     raise RuntimeError("service did not become ready")
 
 
-async def load(url: str, images: list[bytes], concurrency: int, total: int) -> dict:
+async def load(url: str, images: list[bytes], concurrency: int, total: int,
+               max_seconds: float) -> dict:
+    """`total` requests from `concurrency` clients, stopping early after `max_seconds`."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
-    failures = 0
+    failures: list[str] = []
     counter = iter(range(total))
+    params = {"heatmap": "none"}
+    headers = {"Content-Type": "image/png"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        path = f"/v1/products/{PRODUCT}/predict"
+        # Warm-up outside the measurement, at this concurrency (connections, batch shapes).
+        await asyncio.gather(*(client.post(path, content=images[i % len(images)],
+                                           headers=headers, params=params)
+                               for i in range(concurrency)))
+        started = time.perf_counter()
+        deadline = started + max_seconds
+
         async def worker() -> None:
-            nonlocal failures
             for i in counter:
-                started = time.perf_counter()
-                response = await client.post(
-                    f"/v1/products/{PRODUCT}/predict", content=images[i % len(images)],
-                    headers={"Content-Type": "image/png"}, params={"heatmap": "none"})
-                latencies.append(time.perf_counter() - started)
+                if time.perf_counter() > deadline:
+                    return
+                sent = time.perf_counter()
+                response = await client.post(path, content=images[i % len(images)],
+                                             headers=headers, params=params)
+                latencies.append(time.perf_counter() - sent)
                 if response.status_code != 200:
-                    failures += 1
+                    failures.append(f"{response.status_code}: {response.text[:200]}")
                 else:
                     batch_sizes.append(response.json()["results"][0]["timings"]["batch_size"])
 
-        # Warm-up outside the measurement.
-        for image in images[:2]:
-            await client.post(f"/v1/products/{PRODUCT}/predict", content=image,
-                              headers={"Content-Type": "image/png"}, params={"heatmap": "none"})
-        started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return {"concurrency": concurrency, "requests": total, "failures": failures,
-            "throughput_rps": total / elapsed,
+    done = len(latencies)
+    return {"concurrency": concurrency, "requests": done, "truncated": done < total,
+            "failures": len(failures), "first_failure": failures[0] if failures else None,
+            "throughput_rps": len(batch_sizes) / elapsed,
             "p50_ms": percentile(latencies, 50) * 1000, "p95_ms": percentile(latencies, 95) * 1000,
             "p99_ms": percentile(latencies, 99) * 1000,
             "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else 0.0}
 
 
-def in_process(model: PatchCoreModel, images: list[bytes], batch: int, rounds: int) -> float:
-    """Seconds per image: decode + predict, `batch` images per call (best of `rounds`)."""
-    best = float("inf")
-    warm = [decode_image(images[i % len(images)]) for i in range(batch)]
-    model.predict(warm)
-    model.predict(warm)
-    for _ in range(rounds):
-        chunk = [images[i % len(images)] for i in range(batch)]
+# ---------------------------------------------------------------------- engine subprocess
+def engine_child(spec_path: Path, out_path: Path) -> None:
+    """Runs in a fresh process: time decode + predict per batch, as the service does."""
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["torch_threads"])
+    _, bank = LocalBankStore(Path(spec["models"])).load(PRODUCT)
+    embedder = create_embedder(EmbedderConfig.from_dict(bank.manifest["embedder"]),
+                               device=spec["device"])
+    model = PatchCoreModel(bank, embedder)
+    images = [Path(p).read_bytes() for p in spec["images"]]
+    cursor = 0
+
+    def one_request(size: int) -> float:
+        nonlocal cursor
+        chunk = [images[(cursor + j) % len(images)] for j in range(size)]
+        cursor += size
         started = time.perf_counter()
-        model.predict([decode_image(data) for data in chunk])
-        best = min(best, (time.perf_counter() - started) / batch)
-    return best
+        model.predict([decode_image(data, max_pixels=DEFAULT_MAX_PIXELS) for data in chunk])
+        return time.perf_counter() - started
+
+    results: dict = {}
+    errors: list[BaseException] = []
+
+    def measure() -> None:
+        try:
+            for size in spec["batches"]:
+                for _ in range(spec["warmup"]):
+                    one_request(size)
+                # About the same number of images at every batch size, at least 3 rounds.
+                rounds = max(3, math.ceil(spec["images_per_size"] / size))
+                times = [one_request(size) for _ in range(rounds)]
+                results[str(size)] = {"rounds": rounds, "median_s": statistics.median(times),
+                                      "best_s": min(times)}
+        except BaseException as exc:
+            errors.append(exc)
+
+    # On a worker thread, as in the service (MicroBatcher's one worker). On the MAIN
+    # thread torch's and faiss's two OpenMP runtimes spin against each other: measured
+    # 1.6 s instead of 25 ms per backbone pass on 2 cores (fine with OMP_WAIT_POLICY=PASSIVE).
+    worker = threading.Thread(target=measure, name="engine-worker")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+    out_path.write_text(json.dumps({
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "device": str(embedder.device), "batches": results}))
 
 
+def time_engine(models: Path, device: str, image_paths: list[Path], batches: list[int],
+                torch_threads: int, warmup: int, images_per_size: int, tmp: Path) -> dict:
+    spec = tmp / "engine-spec.json"
+    out = tmp / "engine-out.json"
+    spec.write_text(json.dumps({"models": str(models), "device": device,
+                                "images": [str(p) for p in image_paths], "batches": batches,
+                                "torch_threads": torch_threads, "warmup": warmup,
+                                "images_per_size": images_per_size}))
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--engine-child", str(spec),
+                    str(out)], cwd=REPO, env=child_env(device), check=True, timeout=1800)
+    return json.loads(out.read_text())
+
+
+def engine_seconds_per_image(engine: dict, mean_batch: float) -> float:
+    """Median seconds per image at a (fractional) batch size: linear between floor and ceil."""
+    mean_batch = max(1.0, mean_batch)
+    low, high = math.floor(mean_batch), math.ceil(mean_batch)
+    per = {int(b): r["median_s"] / int(b) for b, r in engine["batches"].items()}
+    if low == high:
+        return per[low]
+    return per[low] + (mean_batch - low) * (per[high] - per[low])
+
+
+def batch_sizes_for(rows: list[dict]) -> list[int]:
+    sizes = {1}
+    for row in rows:
+        mean = max(1.0, row["mean_batch"])
+        sizes.update({math.floor(mean), math.ceil(mean)})
+    return sorted(sizes)
+
+
+# ---------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("PATCHCORE_TEST_DATA", REPO.parent / "shared"
                                                     / "data")))
-    parser.add_argument("--train-images", type=int, default=10)
+    parser.add_argument("--train-images", type=int, default=None, help="default 10 (quick: 6)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
-    parser.add_argument("--requests", type=int, default=48, help="requests per level")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per level (default 48, quick 8)")
+    parser.add_argument("--max-seconds-per-level", type=float, default=None,
+                        help="stop a level early after this long (default 20, quick 10)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"))
+    parser.add_argument("--quick", action="store_true",
+                        help="a few requests and engine rounds: checks the script, not the numbers")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--engine-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ["PATCHCORE_DEVICE"] = args.device
+    if args.engine_child:
+        engine_child(*args.engine_child)
+        return
+    quick = args.quick
+    requests = args.requests or (8 if quick else 48)
+    max_seconds = args.max_seconds_per_level or (10.0 if quick else 20.0)
+    train_count = args.train_images or (6 if quick else 10)
+    warmup, images_per_size = (1, 4) if quick else (2, 24)
 
-    train = sorted((args.data / "bottle" / "train" / "good").glob("*.png"))[: args.train_images]
+    train = sorted((args.data / "bottle" / "train" / "good").glob("*.png"))[:train_count]
     tests = sorted((args.data / "bottle" / "test").glob("*/*.png"))[::8][:16]
     if not train or not tests:
         sys.exit(f"no bottle images under {args.data}")
     images = [p.read_bytes() for p in tests]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        models = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        models = tmp / "models"
         config = PatchCoreConfig(coreset_ratio=args.coreset_ratio)
         embedder = create_embedder(config.embedder, device=args.device)
         started = time.perf_counter()
         bank = build_bank(train, config, embedder)
         print(f"bank: {len(train)} images, {len(bank.features)} features, "
-              f"built in {time.perf_counter() - started:.1f} s")
+              f"built in {time.perf_counter() - started:.1f} s", flush=True)
         LocalBankStore(models).save(PRODUCT, bank, activate=True)
-        model = PatchCoreModel(bank, embedder)
+        del bank, embedder
 
         rows = []
+        service_info: dict = {}
         for mode, batch, wait in (("on", args.max_batch_size, args.max_wait_ms), ("off", 1, 0.0)):
-            process, url = start_service(models, batch, wait, queue=256)
+            info = tmp / f"service-{mode}.json"
+            process, url = start_service(models, args.device, batch, wait, queue=256, info=info)
             try:
+                service_info = json.loads(info.read_text())
                 for concurrency in args.concurrency:
-                    row = asyncio.run(load(url, images, concurrency, args.requests))
+                    row = asyncio.run(load(url, images, concurrency, requests, max_seconds))
                     row["batching"] = mode
                     rows.append(row)
                     print(f"batching {mode:3} c={concurrency:2}: {row['throughput_rps']:.2f} req/s"
-                          f" p50 {row['p50_ms']:.0f} ms, mean batch {row['mean_batch']:.1f}",
-                          flush=True)
+                          f" p50 {row['p50_ms']:.0f} ms, mean batch {row['mean_batch']:.1f}, "
+                          f"{row['requests']} requests"
+                          + (" (time cap)" if row["truncated"] else "")
+                          + (f", {row['failures']} FAILED: {row['first_failure']}"
+                             if row["failures"] else ""), flush=True)
             finally:
                 process.terminate()
                 process.wait(30)
 
-        def same_batch(row: dict) -> int:
-            return max(1, round(row["mean_batch"])) if row["batching"] == "on" else 1
+        # The service is gone: the engine child has the machine to itself.
+        engine = time_engine(models, args.device, tests, batch_sizes_for(rows),
+                             service_info["torch_threads"], warmup, images_per_size, tmp)
 
-        sizes = sorted({same_batch(row) for row in rows})
-        engine = {b: in_process(model, images, b, rounds=5) for b in sizes}
+    print(f"\nservice: torch threads {service_info['torch_threads']}, OPENBLAS_CORETYPE "
+          f"{service_info['openblas_coretype']}; engine child: torch threads "
+          f"{engine['torch_threads']}, OPENBLAS_CORETYPE {engine['openblas_coretype']}, "
+          f"device {engine['device']}")
+    print("engine (fresh process, decode + predict, median): " + ", ".join(
+        f"b={b}: {r['median_s'] * 1000:.0f} ms/batch ({r['median_s'] * 1000 / int(b):.1f} ms/img,"
+        f" {r['rounds']} rounds)" for b, r in engine["batches"].items()))
 
-    print()
-    print("| batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | "
-          "engine in-process ms/img (same batch) | service ms/img | overhead |")
+    print("\n| batching | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | mean batch | "
+          "engine img/s (same batch) | throughput overhead |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        same = same_batch(row)
-        engine_s = engine[same]
-        service_s = 1.0 / row["throughput_rps"]
-        row["engine_batch"] = same
-        row["engine_ms_per_image"] = engine_s * 1000
-        row["service_ms_per_image"] = service_s * 1000
-        row["overhead"] = service_s / engine_s - 1.0
-        print(f"| {row['batching']} | {row['concurrency']} | {row['throughput_rps']:.2f} | "
-              f"{row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['p99_ms']:.0f} | "
-              f"{row['mean_batch']:.1f} | {engine_s * 1000:.1f} (b={same}) | "
-              f"{service_s * 1000:.1f} | {row['overhead'] * 100:+.0f}% |")
+        mean = row["mean_batch"] if row["batching"] == "on" else 1.0
+        engine_s = engine_seconds_per_image(engine, mean)
+        row["engine_batch"] = mean
+        row["engine_rps"] = 1.0 / engine_s
+        row["throughput_overhead"] = (1.0 / row["throughput_rps"]) / engine_s - 1.0 \
+            if row["throughput_rps"] else float("inf")
+        print(f"| {row['batching']} | {row['concurrency']} | {row['requests']} | "
+              f"{row['throughput_rps']:.2f} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
+              f"{row['p99_ms']:.0f} | {row['mean_batch']:.1f} | {row['engine_rps']:.2f} "
+              f"(b={mean:.1f}) | {row['throughput_overhead'] * 100:+.0f}% |")
+
+    engine_b1_ms = engine["batches"]["1"]["median_s"] * 1000
+    summary = []
+    for row in rows:
+        if row["concurrency"] == 1:
+            overhead = row["p50_ms"] / engine_b1_ms - 1.0
+            summary.append({"what": f"latency c=1, batching {row['batching']}",
+                            "service": row["p50_ms"], "engine": engine_b1_ms, "unit": "ms",
+                            "overhead": overhead})
+    top = max(args.concurrency)
+    for row in rows:
+        if row["concurrency"] == top:
+            summary.append({"what": f"throughput c={top}, batching {row['batching']}",
+                            "service": row["throughput_rps"], "engine": row["engine_rps"],
+                            "unit": "img/s", "overhead": row["throughput_overhead"]})
+    print(f"\n| comparison | service | engine | overhead (goal < {GOAL:.0%}) |")
+    print("|---|---|---|---|")
+    for item in summary:
+        verdict = "ok" if item["overhead"] < GOAL else "OVER"
+        print(f"| {item['what']} | {item['service']:.1f} {item['unit']} | "
+              f"{item['engine']:.1f} {item['unit']} | {item['overhead'] * 100:+.0f}% {verdict} |")
+    if quick:
+        print("\n(--quick: too few requests for the figures to mean anything)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "engine_s_per_image": engine,
-                                         "device": args.device}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "engine": engine, "summary": summary,
+                                         "service": service_info, "device": args.device,
+                                         "quick": quick}, indent=2))
 
 
 if __name__ == "__main__":
