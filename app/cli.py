@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every failed SIMD probe
     args = build_parser().parse_args(argv)
     from app.core.errors import PatchCoreError
     from app.storage import InvalidName, ProductNotFound

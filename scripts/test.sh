@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
-# Installs everything the tests need into .venv (from scratch when absent) and runs them.
+# Installs everything the tests need into .venv (from scratch when absent), lints, and runs the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[dev]"
-.venv/bin/python -m ruff check app tests benchmarks
+bash scripts/install.sh dev
+.venv/bin/python -m ruff check app tests benchmarks scripts
 .venv/bin/python -m pytest "$@"

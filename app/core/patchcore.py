@@ -41,7 +41,7 @@ class PatchCoreConfig:
     holdout_fraction: float = 0.1       # nominal images kept out of the bank for calibration
     min_holdout: int = 5
     false_alarm_rate: float = 0.01      # target rate of good parts flagged, for the threshold
-    batch_size: int = 16
+    batch_size: int = 8                 # images per backbone pass while building (peak memory)
     seed: int = 0
 
     def to_dict(self) -> dict:
