@@ -25,6 +25,23 @@ def test_every_common_mode_becomes_rgb(mode):
         assert (decoded[..., 0] == decoded[..., 1]).all() and (decoded[..., 0] == np.asarray(image)).all()
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P"])
+def test_fast_png_path_gives_pillows_pixels(mode, monkeypatch):
+    import app.core.images as images
+
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 256, (31, 45, 3), dtype=np.uint8)).convert(mode)
+    png = _encode(image)
+    calls = []
+    real = images._decode_png_fast
+    monkeypatch.setattr(images, "_decode_png_fast", lambda data: calls.append(1) or real(data))
+    fast = decode_image(png)
+    assert calls, "8-bit PNGs should take the libspng path"
+    np.testing.assert_array_equal(fast, np.asarray(image.convert("RGB")))
+    with pytest.raises(InvalidImage, match="truncated"):
+        decode_image(png[:-6])
+
+
 def test_16_bit_grayscale_png_keeps_its_range():
     ramp = (np.arange(64, dtype=np.uint16) * 1024).reshape(8, 8)   # 0 .. 64512
     decoded = decode_image(_encode(Image.fromarray(ramp)))
