@@ -102,7 +102,6 @@ def evaluate_category(
         t3 = time.perf_counter()
         amap = anomaly_maps(patch_scores, embedder.config.image_size, [image.shape[:2]], model.gaussian_sigma)[0]
         decisions.append(bool(image_scores[0] > model.calibration.threshold))
-        model.calibration.normalise(amap)
         t4 = time.perf_counter()
         for key, value in zip(split, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
             value_ms = value * 1000.0

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,14 @@ class Prediction:
     threshold: float              # raw threshold
     is_anomalous: bool
     anomaly_map: np.ndarray       # (H, W) float32 raw distances at the original image size
-    normalised_map: np.ndarray    # (H, W) float32, same normalisation as `score`
+    calibration: Calibration
+
+    @cached_property
+    def normalised_map(self) -> np.ndarray:
+        """(H, W) float32 with the same normalisation as `score` (0.5 = threshold).
+
+        Computed on first use: the service renders it in its thread pool, off the device worker."""
+        return self.calibration.normalise(self.anomaly_map).astype(np.float32)
 
 
 def _as_array(source: ImageSource) -> np.ndarray:
@@ -216,8 +224,7 @@ class PatchCoreModel:
         return [
             Prediction(
                 raw_score=float(raw), score=float(self.calibration.normalise(raw)), threshold=threshold,
-                is_anomalous=bool(raw > threshold), anomaly_map=amap,
-                normalised_map=self.calibration.normalise(amap).astype(np.float32),
+                is_anomalous=bool(raw > threshold), anomaly_map=amap, calibration=self.calibration,
             )
             for raw, amap in zip(image_scores, maps, strict=True)
         ]
