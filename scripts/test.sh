@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev
 .venv/bin/python -m ruff check app tests benchmarks scripts
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest "$@"

@@ -13,6 +13,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class EfficientNetLiteStages(StageFeatureExtractor):
     does not use them.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Any):
         super().__init__()
         self.stem = nn.Sequential(model._conv_stem, model._bn0, model._swish)
         blocks = list(model._blocks)
@@ -102,7 +103,7 @@ def _efficientnet_lite(variant: int) -> Callable[[Path | None], StageFeatureExtr
 
 # --------------------------------------------------------------------- torchvision ResNets
 class ResNetStages(StageFeatureExtractor):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Any):
         super().__init__()
         self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         self.layer1, self.layer2, self.layer3 = model.layer1, model.layer2, model.layer3

@@ -82,7 +82,7 @@ def save_bank(bank: MemoryBank, directory: Path | str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
         checksums = {}
-        arrays = {"features": np.ascontiguousarray(bank.features, dtype=np.float32),
+        arrays: dict[str, np.ndarray] = {"features": np.ascontiguousarray(bank.features, dtype=np.float32),
                   "nominal_scores": np.asarray(bank.nominal_scores, dtype=np.float64)}
         for key, filename in ARRAYS.items():
             path = tmp / filename

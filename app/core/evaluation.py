@@ -168,17 +168,18 @@ def _pixel_aurocs(maps: list[np.ndarray], masks: list[np.ndarray], types: list[s
     low = min(float(m.min()) for m in maps)
     high = max(float(m.max()) for m in maps)
     scale = (bins - 1) / max(high - low, 1e-12)
+    empty = np.zeros(bins, dtype=np.int64)
     per_type: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for amap, mask, kind in zip(maps, masks, types, strict=True):
         index = ((amap - low) * scale).astype(np.int64).ravel()
         flat_mask = mask.ravel()
         pos = np.bincount(index[flat_mask], minlength=bins)
         neg = np.bincount(index[~flat_mask], minlength=bins)
-        old_pos, old_neg = per_type.get(kind, (0, 0))
+        old_pos, old_neg = per_type.get(kind, (empty, empty))
         per_type[kind] = (old_pos + pos, old_neg + neg)
-    total_pos = sum(p for p, _ in per_type.values())
-    total_neg = sum(n for _, n in per_type.values())
-    good_neg = per_type.get("good", (0, np.zeros(bins, dtype=np.int64)))[1]
+    total_pos = np.sum([p for p, _ in per_type.values()], axis=0)
+    total_neg = np.sum([n for _, n in per_type.values()], axis=0)
+    good_neg = per_type.get("good", (empty, empty))[1]
     by_type = {kind: binned_auroc(pos, neg + good_neg)
                for kind, (pos, neg) in sorted(per_type.items()) if kind != "good" and pos.sum() > 0}
     return binned_auroc(total_pos, total_neg), by_type
