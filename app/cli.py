@@ -35,6 +35,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="channels kept per backbone stage (default: all)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--coreset-size", type=int, default=None, help="absolute bank size (overrides ratio)")
+    parser.add_argument("--projection-dim", type=int, default=128,
+                        help="random projection for coreset selection (0: select in the feature space)")
     parser.add_argument("--reweight", type=int, default=0, metavar="B",
                         help="Eq. 7 reweighting with B neighbours (0: off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -48,7 +50,8 @@ def _config_from(args: argparse.Namespace):
 
     embedder = EmbedderConfig(backbone=args.backbone, image_size=args.image_size, stage_dim=args.stage_dim)
     return PatchCoreConfig(embedder=embedder, coreset_ratio=args.coreset_ratio, coreset_size=args.coreset_size,
-                           reweight_neighbours=args.reweight, seed=args.seed)
+                           projection_dim=args.projection_dim or None, reweight_neighbours=args.reweight,
+                           seed=args.seed)
 
 
 class _Progress:

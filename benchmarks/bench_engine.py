@@ -21,14 +21,13 @@ from pathlib import Path
 DEFAULT_RUNS = [("default", [])]
 SWEEP_RUNS = [
     ("default", []),
-    ("all channels (152-d)", ["--stage-dim", "0"]),
-    ("stage-dim 64", ["--stage-dim", "64"]),
+    ("stage-dim 40 (80-d)", ["--stage-dim", "40"]),
+    ("no projection", ["--projection-dim", "0"]),
     ("coreset 1%", ["--coreset-ratio", "0.01"]),
     ("coreset 25%", ["--coreset-ratio", "0.25"]),
     ("reweight b=3", ["--reweight", "3"]),
     ("lite1", ["--backbone", "efficientnet_lite1"]),
     ("lite2", ["--backbone", "efficientnet_lite2"]),
-    ("320 px", ["--image-size", "320"]),
 ]
 
 
