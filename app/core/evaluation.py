@@ -148,6 +148,9 @@ def evaluate_category(
             "f1": 2 * tp / max(2 * tp + fp + fn, 1),
             "false_positive_rate": fp / max(int((label_array == 0).sum()), 1),
         },
+        "nominal_holdout_scores": [round(float(x), 4) for x in bank.nominal_scores],
+        "test_scores": [{"image": str(t.path.relative_to(category.root)), "type": kind, "score": round(score, 4)}
+                        for t, kind, score in zip(category.test, types, scores, strict=True)],
         "bank_size": bank.size,
         "build_seconds": round(build_seconds, 2),
         "build_timings": bank.manifest["timings"],
