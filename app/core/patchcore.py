@@ -42,6 +42,7 @@ class PatchCoreConfig:
     holdout_fraction: float = 0.1       # nominal images kept out of the bank for calibration
     min_holdout: int = 5
     false_alarm_rate: float = 0.01      # target rate of good parts flagged, for the threshold
+    threshold_tail_margin: float = 0.25  # threshold >= max held-out + margin * (max - median)
     batch_size: int = 8                 # images per backbone pass while building (peak memory)
     seed: int = 0
 
@@ -146,7 +147,7 @@ def build_bank(
     index = NearestNeighbourIndex(bank_features, use_gpu=embedder.device.type == "cuda")
     holdout_sources = [images[i] for i in holdout_ids]
     nominal_scores = _score_sources(embedder, index, holdout_sources, config, should_stop)
-    calibration = calibrate_from_nominal(nominal_scores, config.false_alarm_rate)
+    calibration = calibrate_from_nominal(nominal_scores, config.false_alarm_rate, config.threshold_tail_margin)
     if validation is not None:
         val_scores = _score_sources(embedder, index, list(validation[0]), config, should_stop)
         calibration = calibrate_f1(val_scores, np.asarray(validation[1]), nominal_scores)

@@ -17,6 +17,14 @@ def test_threshold_is_a_prediction_bound_from_nominal_scores_only():
     assert Calibration.from_dict(calibration.to_dict()) == calibration
 
 
+def test_heavy_tail_keeps_a_margin_above_the_largest_held_out_score():
+    rng = np.random.default_rng(3)
+    scores = np.append(rng.normal(2.0, 0.02, 40), 2.56)  # one far-out good part
+    calibration = calibrate_from_nominal(scores, tail_margin=0.25)
+    assert calibration.threshold >= 2.56 + 0.25 * (2.56 - np.median(scores)) - 1e-9
+    assert calibrate_from_nominal(scores, tail_margin=0.0).threshold < calibration.threshold
+
+
 def test_few_held_out_images_widen_the_bound():
     rng = np.random.default_rng(1)
     scores = np.exp(rng.normal(0.7, 0.08, 40))
