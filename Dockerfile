@@ -39,7 +39,7 @@ RUN apt-get update \
 RUN python -m venv /opt/venv
 WORKDIR /src
 # Dependencies first, from pyproject.toml alone, so that editing app/ reuses this layer.
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
     && grep -E '^(torch|torchvision)[^a-z_-]' /tmp/requirements.txt > /tmp/torch.txt \
     && grep -vE '^(torch|torchvision)[^a-z_-]' /tmp/requirements.txt > /tmp/others.txt
@@ -47,7 +47,7 @@ RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))
 FROM builder-base AS builder-cpu
 ARG TORCH_INDEX_URL_CPU=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX_URL_CPU}" -r /tmp/torch.txt \
-    && pip install -r /tmp/others.txt
+    && pip install -c constraints.txt -r /tmp/others.txt
 COPY README.md ./
 COPY app ./app
 RUN pip install --no-deps . \
@@ -57,7 +57,7 @@ RUN pip install --no-deps . \
 FROM builder-base AS builder-gpu
 ARG TORCH_INDEX_URL_GPU=https://pypi.org/simple
 RUN pip install --index-url "${TORCH_INDEX_URL_GPU}" -r /tmp/torch.txt \
-    && pip install -r /tmp/others.txt
+    && pip install -c constraints.txt -r /tmp/others.txt
 COPY README.md ./
 COPY app ./app
 RUN pip install --no-deps . \
