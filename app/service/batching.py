@@ -1,11 +1,14 @@
 """Micro-batching: many concurrent requests, one worker thread that owns the device.
 
-Requests are decoded and resized before they get here. `MicroBatcher.submit`
+Requests are decoded and resized before they get here. `MicroBatcher.submit_many`
 puts items on a bounded queue (full -> `Overloaded`, answered 429 at once); the
-worker closes a batch when it holds `max_batch_size` items or `max_wait_ms`
-after the batch's first item was queued, drops items whose caller has gone,
-calls the batch function once, and sets each caller's future only if it is
-still pending. No torch or faiss work ever runs on the event loop.
+worker closes a batch when it holds `max_batch_size` items, when `max_wait_ms`
+have passed since the batch's first item was queued, or at once when the queue
+is empty and no request is still being prepared (see `MicroBatcher.incoming`),
+so a lone request does not wait for company that is not coming. It drops items
+whose caller has gone, calls the batch function once, and sets each caller's
+future only if it is still pending. No torch or faiss work ever runs on the
+event loop.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -71,6 +74,15 @@ class _Ticket(Generic[T]):
 _STOP = object()
 
 
+class Incoming:
+    """One request's mark while its payloads are being prepared (see `MicroBatcher.incoming`)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = False
+
+
 class MicroBatcher(Generic[T, R]):
     """Bounded queue + one worker thread running `batch_fn` on lists of payloads.
 
@@ -94,6 +106,10 @@ class MicroBatcher(Generic[T, R]):
         self._stopping = threading.Event()
         # Smoothed seconds per batch, for Retry-After.
         self._batch_s_ewma = 0.1
+        # Requests admitted but still being prepared. The worker waits on this
+        # condition for more items; every put and every release notifies it.
+        self._cond = threading.Condition()
+        self._incoming = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -108,6 +124,8 @@ class MicroBatcher(Generic[T, R]):
         self._stopping.set()
         with contextlib.suppress(queue.Full):
             self._queue.put(_STOP, timeout=timeout)
+        with self._cond:
+            self._cond.notify_all()
         self._thread.join(timeout)
         self._thread = None
         # Fail whatever is left so no caller waits for ever.
@@ -127,19 +145,58 @@ class MicroBatcher(Generic[T, R]):
     def depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def preparing(self) -> int:
+        """Requests inside `incoming()` that have not submitted yet."""
+        with self._cond:
+            return self._incoming
+
+    # ------------------------------------------------------------------ admission (event loop)
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[Incoming]:
+        """Mark one request as on its way while its payloads are prepared.
+
+        While any request is marked, the worker keeps an open batch waiting (up
+        to `max_wait_ms`) for it; with none marked and the queue empty it closes
+        the batch at once. Pass the mark to `submit_many`, which releases it in
+        the same step as it queues the payloads; leaving the block releases it
+        if that never happened (a failed decode, a cancelled request).
+        """
+        mark = Incoming()
+        with self._cond:
+            self._incoming += 1
+            mark.held = True
+        try:
+            yield mark
+        finally:
+            with self._cond:
+                self._release(mark)
+
+    def _release(self, mark: Incoming | None) -> None:
+        """Drop `mark` from the count and wake the worker. Hold `self._cond`."""
+        if mark is not None and mark.held:
+            mark.held = False
+            self._incoming -= 1
+            self._cond.notify_all()
+
     # ------------------------------------------------------------------ submit (event loop)
     async def submit_many(self, payloads: Sequence[T], timeout_s: float,
-                          is_disconnected: Callable[[], Any] | None = None) -> list[Timed[R]]:
+                          is_disconnected: Callable[[], Any] | None = None, *,
+                          incoming: Incoming | None = None) -> list[Timed[R]]:
         """Queue all payloads of one request together and wait for their results.
 
-        Raises Overloaded (without queueing anything) when they do not fit,
-        RequestTimedOut after `timeout_s`, ClientGone when `is_disconnected` (an
-        async callable) reports the client gone. In every case the tickets are
-        abandoned, so the worker skips those it has not started.
+        `incoming`, the request's mark from `incoming()`, is released together
+        with the put, so the worker never sees the request neither marked nor
+        queued. Raises Overloaded (without queueing anything) when they do not
+        fit, RequestTimedOut after `timeout_s`, ClientGone when `is_disconnected`
+        (an async callable) reports the client gone. In every case the tickets
+        are abandoned, so the worker skips those it has not started.
         """
         if not self.running:
             raise RuntimeError("the batch worker is not running")
         if not payloads:
+            with self._cond:
+                self._release(incoming)
             return []
         # Only the event loop thread puts, so this check cannot race another put.
         if self._queue.qsize() + len(payloads) > self.queue_size:
@@ -149,8 +206,12 @@ class MicroBatcher(Generic[T, R]):
             )
         loop = asyncio.get_running_loop()
         tickets = [_Ticket(p, loop, loop.create_future()) for p in payloads]
-        for ticket in tickets:
-            self._queue.put_nowait(ticket)
+        # Never blocks for long: the worker holds the lock only between its waits.
+        with self._cond:
+            for ticket in tickets:
+                self._queue.put_nowait(ticket)
+            self._release(incoming)
+            self._cond.notify_all()
         waiter = asyncio.gather(*(t.future for t in tickets))
         watcher = (asyncio.ensure_future(self._watch(is_disconnected))
                    if is_disconnected is not None else None)
@@ -201,17 +262,22 @@ class MicroBatcher(Generic[T, R]):
             return None
         batch = [first]
         deadline = first.enqueued_at + self.max_wait_s
-        while len(batch) < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            try:
-                item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(
-                    timeout=remaining)
-            except queue.Empty:
-                break
-            if item is _STOP:
-                self._stopping.set()
-                break
-            batch.append(item)
+        with self._cond:
+            while len(batch) < self.max_batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    # Nothing queued: wait only while a request is still being
+                    # prepared, and never past the deadline.
+                    remaining = deadline - time.perf_counter()
+                    if self._incoming == 0 or remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                    continue
+                if item is _STOP:
+                    self._stopping.set()
+                    break
+                batch.append(item)
         return batch
 
     def _compute(self, batch: list[_Ticket]) -> None:

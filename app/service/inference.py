@@ -113,16 +113,20 @@ async def predict_uploads(
         except PatchCoreError as exc:
             raise type(exc)(f"image {index} ({upload.filename}): {exc}") from exc
 
-    prepared = await asyncio.gather(
-        *(loop.run_in_executor(pool, prepare_one, i, u) for i, u in enumerate(uploads)))
-    try:
-        scored = await batcher.submit_many(prepared, timeout_s, is_disconnected)
-    except Overloaded:
-        metrics.rejected.inc()
-        raise
-    except ClientGone:
-        metrics.dropped_images("client_gone", len(prepared))
-        raise
+    # Marked as on its way while it is prepared, so the worker keeps an open batch
+    # waiting for it; submit_many releases the mark as it queues the images.
+    with batcher.incoming() as mark:
+        prepared = await asyncio.gather(
+            *(loop.run_in_executor(pool, prepare_one, i, u) for i, u in enumerate(uploads)))
+        try:
+            scored = await batcher.submit_many(prepared, timeout_s, is_disconnected,
+                                               incoming=mark)
+        except Overloaded:
+            metrics.rejected.inc()
+            raise
+        except ClientGone:
+            metrics.dropped_images("client_gone", len(prepared))
+            raise
 
     def finish(index: int) -> dict:
         started = time.perf_counter()

@@ -37,7 +37,8 @@ def test_batch_closes_when_full_before_the_deadline():
 
     async def main():
         started = time.perf_counter()
-        results = await asyncio.gather(*(batcher.submit_many([i], 10) for i in range(4)))
+        with batcher.incoming():  # another request on its way: the batch stays open
+            results = await asyncio.gather(*(batcher.submit_many([i], 10) for i in range(4)))
         return results, time.perf_counter() - started
 
     try:
@@ -56,7 +57,8 @@ def test_batch_closes_at_the_deadline_from_the_first_item():
 
     async def main():
         started = time.perf_counter()
-        results = await asyncio.gather(*(batcher.submit_many([i], 10) for i in range(3)))
+        with batcher.incoming():  # another request on its way: the batch stays open
+            results = await asyncio.gather(*(batcher.submit_many([i], 10) for i in range(3)))
         return results, time.perf_counter() - started
 
     try:
@@ -66,6 +68,100 @@ def test_batch_closes_at_the_deadline_from_the_first_item():
     assert [len(b) for b in fn.batches] == [3]
     assert 0.09 <= elapsed < 2.0
     assert all(r[0].queued_s >= 0.05 for r in results)
+
+
+def test_a_lone_request_does_not_wait_for_the_deadline():
+    fn = Recorder()
+    batcher = make(fn, max_batch_size=8, max_wait_ms=2_000)
+
+    async def main():
+        started = time.perf_counter()
+        with batcher.incoming() as mark:
+            result = await batcher.submit_many([7], 10, incoming=mark)
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        again = await batcher.submit_many([8], 10)  # no mark at all
+        return result, first, again, time.perf_counter() - started
+
+    try:
+        result, first, again, second = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert result[0].value == 70 and again[0].value == 80
+    assert fn.batches == [[7], [8]]
+    assert batcher.preparing == 0
+    assert first < 0.5 and second < 0.5  # nothing else on its way: closed at once, not at 2 s
+
+
+def test_a_request_being_prepared_keeps_the_batch_open():
+    fn = Recorder()
+    batcher = make(fn, max_batch_size=8, max_wait_ms=2_000)
+
+    async def late(mark):
+        await asyncio.sleep(0.1)  # "decoding"
+        return await batcher.submit_many([2], 10, incoming=mark)
+
+    async def main():
+        started = time.perf_counter()
+        with batcher.incoming() as mark:
+            second = asyncio.ensure_future(late(mark))
+            first = await batcher.submit_many([1], 10)
+            results = first, await second
+        return results, time.perf_counter() - started
+
+    try:
+        (first, second), elapsed = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert fn.batches == [[1, 2]]
+    assert first[0].batch_size == 2 and second[0].value == 20
+    assert first[0].queued_s >= 0.05  # item 1 waited for item 2
+    assert elapsed < 1.5  # closed once nothing more was on its way, not at 2 s
+
+
+def test_a_mark_released_without_submitting_wakes_the_worker():
+    fn = Recorder()
+    batcher = make(fn, max_batch_size=8, max_wait_ms=2_000)
+
+    async def main():
+        started = time.perf_counter()
+        with batcher.incoming():  # e.g. a request whose image fails to decode
+            pending = asyncio.ensure_future(batcher.submit_many([1], 10))
+            await asyncio.sleep(0.1)
+            assert not pending.done()
+            assert batcher.preparing == 1
+        result = await pending
+        return result, time.perf_counter() - started
+
+    try:
+        result, elapsed = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert result[0].value == 10
+    assert batcher.preparing == 0
+    assert elapsed < 1.5
+
+
+def test_overloaded_request_releases_its_mark():
+    gate = threading.Event()
+    fn = Recorder(gate)
+    batcher = make(fn, max_batch_size=1, max_wait_ms=0, queue_size=1)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit_many([1], 10))
+        await asyncio.sleep(0.1)  # the worker holds item 1 (blocked on the gate)
+        with pytest.raises(Overloaded), batcher.incoming() as mark:
+            await batcher.submit_many([2, 3], 10, incoming=mark)
+        gate.set()
+        return await first
+
+    try:
+        first = asyncio.run(main())
+    finally:
+        gate.set()
+        batcher.stop()
+    assert first[0].value == 10
+    assert batcher.preparing == 0
 
 
 def test_batch_size_is_capped():
