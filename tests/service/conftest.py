@@ -7,7 +7,6 @@ built once, through the admin API, from a handful of real MVTec images.
 from __future__ import annotations
 
 import io
-import os
 import socket
 import threading
 import time
@@ -24,24 +23,14 @@ from PIL import Image
 from app.service.api import create_app
 from app.service.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 ADMIN = {"X-API-Key": ADMIN_KEY}
 TRAIN_IMAGES = 10
 
 
-def data_root() -> Path | None:
-    configured = os.environ.get("PATCHCORE_TEST_DATA")
-    root = Path(configured) if configured else REPO_ROOT.parent / "shared" / "data"
-    return root if (root / "bottle").is_dir() else None
-
-
 @pytest.fixture(scope="session")
-def data() -> Path:
-    root = data_root()
-    if root is None:
-        pytest.skip("real test data not found: set PATCHCORE_TEST_DATA or provide ../shared/data")
-    return root
+def data(shared_data) -> Path:
+    return shared_data
 
 
 @pytest.fixture(scope="session")

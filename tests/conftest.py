@@ -1,0 +1,20 @@
+"""Fixtures shared by every test package: where the real images are."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The MVTec-layout root with real images: $PATCHCORE_TEST_DATA or ../shared/data (read, never copied)."""
+    configured = os.environ.get("PATCHCORE_TEST_DATA")
+    root = Path(configured) if configured else REPO_ROOT.parent / "shared" / "data"
+    if not (root / "bottle" / "train" / "good").is_dir():
+        pytest.skip("real images not found: set PATCHCORE_TEST_DATA or provide ../shared/data (MVTec layout)")
+    return root
