@@ -64,11 +64,10 @@ class _Progress:
     def __call__(self, phase: str, fraction: float) -> None:
         from tqdm import tqdm
 
-        if phase != self.phase:
+        if phase != self.phase or self.bar is None:
             self.close()
             self.phase = phase
             self.bar = tqdm(total=100, desc=phase, unit="%", file=sys.stderr, leave=False)
-        assert self.bar is not None
         self.bar.update(max(0, round(fraction * 100) - self.bar.n))
 
     def close(self) -> None:
