@@ -67,7 +67,7 @@ class EfficientNetLiteStages(StageFeatureExtractor):
         x = self.stem(images)
         outputs = []
         for index, block in enumerate(self.blocks):
-            # drop_connect is a training-time regulariser; eval() disables it anyway.
+            # drop_connect is a training-time regulariser; eval mode disables it anyway.
             x = block(x)
             if index in (self.stage8_end, self.stage16_end):
                 outputs.append(x)
