@@ -90,6 +90,7 @@ def evaluate_category(
     build_peak = peak_rss_mb()
     model = PatchCoreModel(bank, embedder)
 
+    has_masks = category.has_masks
     scores, labels, types, maps, masks, decisions = [], [], [], [], [], []
     split: dict[str, list[float]] = {"decode": [], "backbone": [], "search": [], "map": [], "total": []}
     for i, item in enumerate(category.test):
@@ -109,7 +110,7 @@ def evaluate_category(
         scores.append(float(image_scores[0]))
         labels.append(int(item.is_defective))
         types.append(item.defect_type)
-        if category.has_masks:
+        if has_masks:
             maps.append(amap)
             if item.mask_path is not None:
                 mask = np.asarray(Image.open(item.mask_path).convert("L").resize(
@@ -159,7 +160,7 @@ def evaluate_category(
         "peak_rss_mb": round(build_peak, 1),
         "peak_rss_mb_eval": None,
     }
-    if category.has_masks:
+    if has_masks:
         result["pixel_auroc"], result["pixel_auroc_by_type"] = _pixel_aurocs(maps, masks, types, bins)
     result["peak_rss_mb_eval"] = round(peak_rss_mb(), 1)
     return result

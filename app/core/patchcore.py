@@ -24,7 +24,7 @@ from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import BankIncompatible, BuildCancelled, NotEnoughImages
 from app.core.images import as_rgb_array, decode_image
 from app.core.knn import NearestNeighbourIndex
-from app.core.scoring import anomaly_maps, score_patches
+from app.core.scoring import score_patches, smoothed_maps, to_original_size
 
 ImageSource = Path | str | np.ndarray
 ProgressFn = Callable[[str, float], None]
@@ -58,14 +58,20 @@ class Prediction:
     score: float                  # normalised: 0 = median nominal, 0.5 = threshold, clipped to [0, 1]
     threshold: float              # raw threshold
     is_anomalous: bool
-    anomaly_map: np.ndarray       # (H, W) float32 raw distances at the original image size
     calibration: Calibration
+    smoothed_map: torch.Tensor    # (S, S) smoothed patch distances at the network input size
+    size: tuple[int, int]         # original (H, W)
+
+    # The full-size maps are computed on first use: the service renders them in its
+    # thread pool, off the device worker, and not at all when no heatmap is asked for.
+    @cached_property
+    def anomaly_map(self) -> np.ndarray:
+        """(H, W) float32 raw distances at the original image size."""
+        return to_original_size(self.smoothed_map, self.size)
 
     @cached_property
     def normalised_map(self) -> np.ndarray:
-        """(H, W) float32 with the same normalisation as `score` (0.5 = threshold).
-
-        Computed on first use: the service renders it in its thread pool, off the device worker."""
+        """(H, W) float32 with the same normalisation as `score` (0.5 = threshold)."""
         return self.calibration.normalise(self.anomaly_map).astype(np.float32)
 
 
@@ -220,12 +226,13 @@ class PatchCoreModel:
         if array.ndim != 4 or array.shape[0] != len(original_sizes):
             raise ValueError(f"embeddings must be (B, h, w, D) with B = {len(original_sizes)}, got {array.shape}")
         patch_scores, image_scores = score_patches(self.index, array, self.reweight_neighbours)
-        maps = anomaly_maps(patch_scores, self.embedder.config.image_size, original_sizes, self.gaussian_sigma)
+        maps = smoothed_maps(patch_scores, self.embedder.config.image_size, self.gaussian_sigma)
         threshold = self.calibration.threshold
         return [
             Prediction(
                 raw_score=float(raw), score=float(self.calibration.normalise(raw)), threshold=threshold,
-                is_anomalous=bool(raw > threshold), anomaly_map=amap, calibration=self.calibration,
+                is_anomalous=bool(raw > threshold), calibration=self.calibration,
+                smoothed_map=maps[i], size=(int(size[0]), int(size[1])),
             )
-            for raw, amap in zip(image_scores, maps, strict=True)
+            for i, (raw, size) in enumerate(zip(image_scores, original_sizes, strict=True))
         ]

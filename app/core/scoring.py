@@ -60,14 +60,11 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def anomaly_maps(patch_scores: np.ndarray, image_size: int, original_sizes: Sequence[tuple[int, int]],
-                 sigma: float = 4.0) -> list[np.ndarray]:
-    """patch scores (B, h, w) -> one map (H_i, W_i) float32 per image, at its ORIGINAL size.
+def smoothed_maps(patch_scores: np.ndarray, image_size: int, sigma: float = 4.0) -> torch.Tensor:
+    """patch scores (B, h, w) -> maps (B, S, S) at the network input size.
 
     As in the paper, patch scores are upsampled bilinearly to the network input
-    (S x S) and smoothed with a Gaussian of sigma 4 there. The input was the
-    whole frame resized to S x S, so resizing the map to (H, W) lays it exactly
-    over the photo the camera sent, whatever its aspect ratio.
+    (S x S) and smoothed there with a Gaussian of sigma 4.
     """
     scores = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[:, None]
     maps = F.interpolate(scores, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -76,9 +73,20 @@ def anomaly_maps(patch_scores: np.ndarray, image_size: int, original_sizes: Sequ
         pad = len(kernel) // 2
         maps = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
         maps = F.conv2d(F.pad(maps, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1))
-    out = []
-    for i, (height, width) in enumerate(original_sizes):
-        resized = F.interpolate(maps[i:i + 1], size=(int(height), int(width)), mode="bilinear",
-                                align_corners=False)
-        out.append(resized[0, 0].numpy())
-    return out
+    return maps[:, 0]
+
+
+def to_original_size(smoothed: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One smoothed map (S, S) -> (H, W) float32. The input was the whole frame resized
+    to S x S, so this lays the map exactly over the photo the camera sent, whatever its aspect."""
+    height, width = size
+    resized = F.interpolate(smoothed[None, None], size=(int(height), int(width)), mode="bilinear",
+                            align_corners=False)
+    return resized[0, 0].numpy()
+
+
+def anomaly_maps(patch_scores: np.ndarray, image_size: int, original_sizes: Sequence[tuple[int, int]],
+                 sigma: float = 4.0) -> list[np.ndarray]:
+    """patch scores (B, h, w) -> one map (H_i, W_i) float32 per image, at its ORIGINAL size."""
+    maps = smoothed_maps(patch_scores, image_size, sigma)
+    return [to_original_size(maps[i], size) for i, size in enumerate(original_sizes)]
