@@ -16,6 +16,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from app.service.settings import WEIGHTS_ENV
 
 DEFAULT_MODELS_DIR = "models"
 
@@ -28,7 +31,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     from app.core.backbones import BACKBONES, DEFAULT_BACKBONE
 
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
-    parser.add_argument("--weights", default=os.environ.get("PATCHCORE_BACKBONE_WEIGHTS"),
+    parser.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV),
                         help="local weights file for backbones without packaged weights (ResNets)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--stage-dim", type=int, default=None,
@@ -59,7 +62,7 @@ class _Progress:
 
     def __init__(self) -> None:
         self.phase: str | None = None
-        self.bar = None
+        self.bar: Any = None
 
     def __call__(self, phase: str, fraction: float) -> None:
         from tqdm import tqdm
@@ -204,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--models-dir", default=None)
     predict.add_argument("--version", default=None, help="bank version (default: the active one)")
     predict.add_argument("--heatmap-dir", default=None, help="write heatmaps overlaid on the photos here")
-    predict.add_argument("--weights", default=os.environ.get("PATCHCORE_BACKBONE_WEIGHTS"))
+    predict.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV))
     predict.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"),
                          choices=["auto", "cpu", "cuda"])
     predict.add_argument("--fail-on-anomaly", action="store_true", help="exit 1 when any image is anomalous")

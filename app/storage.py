@@ -35,9 +35,14 @@ class InvalidName(ValueError):
     """A product or version name outside the allowed pattern (also guards path traversal)."""
 
 
+class InvalidProductName(InvalidName):
+    """The one product-name rule, shared by the store, the service and the CLI."""
+
+
 def check_product_name(product: str) -> str:
     if not isinstance(product, str) or not PRODUCT_NAME.fullmatch(product):
-        raise InvalidName(f"product name {product!r} must match {PRODUCT_NAME.pattern}")
+        shown = product[:80] if isinstance(product, str) else type(product).__name__
+        raise InvalidProductName(f"invalid product name {shown!r}: expected {PRODUCT_NAME.pattern}")
     return product
 
 
@@ -132,5 +137,5 @@ class LocalBankStore:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-__all__ = ["BankCorrupt", "BankStore", "InvalidName", "LocalBankStore", "ProductNotFound",
+__all__ = ["BankCorrupt", "BankStore", "InvalidName", "InvalidProductName", "LocalBankStore", "ProductNotFound",
            "check_product_name", "check_version_name"]

@@ -40,7 +40,6 @@ def demo_url(tmp_path_factory) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     app = create_app(settings)
-    state = app.state.service
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -52,7 +51,9 @@ def demo_url(tmp_path_factory) -> Iterator[str]:
             while not ready and time.monotonic() < deadline:
                 with contextlib.suppress(httpx.TransportError):
                     ready = http.get("/health/ready").status_code == 200
-                assert state.startup_error is None, state.startup_error
+                resources = app.state.resources
+                if resources is not None:
+                    assert resources.startup.error is None, resources.startup.error
                 if not ready:
                     time.sleep(0.2)
         assert ready, "service with the demo product did not become ready"

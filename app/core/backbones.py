@@ -131,7 +131,7 @@ def _torchvision_resnet(arch: str, weights_enum: str) -> Callable[[Path | None],
                 except Exception as exc:  # noqa: BLE001 - any network/IO failure means "not available"
                     raise BackboneUnavailable(
                         f"ImageNet weights for {arch} are not available offline. Download {url} "
-                        f"and pass its path (--weights or PATCHCORE_BACKBONE_WEIGHTS), or place it at "
+                        f"and pass its path (--weights or PATCHCORE_WEIGHTS_PATH), or place it at "
                         f"{cached}. ({type(exc).__name__}: {exc})"
                     ) from exc
                 model.load_state_dict(state, strict=True)

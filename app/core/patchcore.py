@@ -236,3 +236,47 @@ class PatchCoreModel:
             )
             for i, (raw, size) in enumerate(zip(image_scores, original_sizes, strict=True))
         ]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One preprocessed image for `predict_batch`, with the model that scores it."""
+
+    model: PatchCoreModel
+    tensor: torch.Tensor          # (3, S, S) float32, from model.embedder.preprocess
+    size: tuple[int, int]         # original (H, W)
+
+
+def predict_batch(items: Sequence[BatchItem]) -> list[Prediction | Exception]:
+    """Score images of many products in one call: one backbone pass per embedder
+    (products built with the same EmbedderConfig share it), then each model's kNN
+    on its slice. A failure fails only the items it touched: their entry is the
+    exception, the others are Predictions."""
+    results: list[Prediction | Exception | None] = [None] * len(items)
+    by_embedder: dict[int, list[int]] = {}
+    for index, item in enumerate(items):
+        by_embedder.setdefault(id(item.model.embedder), []).append(index)
+    for indices in by_embedder.values():
+        embedder = items[indices[0]].model.embedder
+        try:
+            features = embedder.embed(torch.stack([items[i].tensor for i in indices]))
+        except Exception as exc:
+            for i in indices:
+                results[i] = exc
+            continue
+        by_model: dict[int, list[int]] = {}
+        for position, i in enumerate(indices):
+            by_model.setdefault(id(items[i].model), []).append(position)
+        for positions in by_model.values():
+            model = items[indices[positions[0]]].model
+            predictions: Sequence[Prediction | Exception]
+            try:
+                predictions = model.predict_embeddings(
+                    features[positions], [items[indices[p]].size for p in positions])
+                if len(predictions) != len(positions):
+                    raise RuntimeError("predict_embeddings returned the wrong number of results")
+            except Exception as exc:
+                predictions = [exc] * len(positions)
+            for p, prediction in zip(positions, predictions, strict=True):
+                results[indices[p]] = prediction
+    return [r if r is not None else RuntimeError("item was not scored") for r in results]

@@ -11,9 +11,11 @@ import app as app_package
 from app.service.errors import install_error_handlers
 from app.service.limits import BodySizeLimitMiddleware
 from app.service.logging import RequestContextMiddleware, configure_logging
+from app.service.registry import EmbedderFactory
+from app.service.resources import Resources
 from app.service.routes import admin, health, predict, products
 from app.service.settings import Settings, get_settings
-from app.service.state import ServiceState
+from app.storage import BankStore
 
 DESCRIPTION = """PatchCore anomaly detection for factory visual inspection.
 
@@ -21,28 +23,33 @@ Every error answers `{"error": {"code": "...", "message": "..."}}`. Admin routes
 need `X-API-Key` (or `Authorization: Bearer`)."""
 
 
-def create_app(settings: Settings | None = None, *, state: ServiceState | None = None) -> FastAPI:
-    """Build the app. Heavy work (backbone, banks, batch worker) starts in the lifespan."""
+def create_app(settings: Settings | None = None, *, store: BankStore | None = None,
+               embedder_factory: EmbedderFactory | None = None) -> FastAPI:
+    """Build the app. Nothing heavy here: the resources are opened in the lifespan.
+
+    `store` and `embedder_factory` replace the defaults (another bank store, a test embedder).
+    """
     settings = settings or get_settings()
-    state = state or ServiceState(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.start()
+    async def lifespan(application: FastAPI) -> AsyncIterator[None]:
+        resources = Resources.open(settings, store=store, embedder_factory=embedder_factory)
+        application.state.resources = resources
         try:
             yield
         finally:
-            state.stop()
+            resources.close()
 
     application = FastAPI(title="PatchCore inspection service", version=app_package.__version__,
                           description=DESCRIPTION, lifespan=lifespan)
-    application.state.service = state
+    application.state.settings = settings
+    application.state.resources = None
     install_error_handlers(application)
     for router in (predict.router, products.router, admin.router, health.router):
         application.include_router(router)
     # Added last = outermost: ids and metrics cover every answer, 413s included.
     application.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    application.add_middleware(RequestContextMiddleware, metrics=state.metrics)
+    application.add_middleware(RequestContextMiddleware)
     return application
 
 

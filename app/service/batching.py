@@ -216,7 +216,7 @@ class MicroBatcher(Generic[T, R]):
         watcher = (asyncio.ensure_future(self._watch(is_disconnected))
                    if is_disconnected is not None else None)
         try:
-            waiting = {waiter} if watcher is None else {waiter, watcher}
+            waiting: set[asyncio.Future[Any]] = {waiter} if watcher is None else {waiter, watcher}
             done, _ = await asyncio.wait(waiting, timeout=timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
             if waiter in done:

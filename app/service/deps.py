@@ -1,56 +1,96 @@
-"""Dependencies of the routes, as Annotated aliases."""
+"""Dependencies of the routes, as Annotated aliases: each resource has its own.
+
+All are `async def`: they only read attributes, and FastAPI runs a plain `def`
+dependency in the thread pool, a hop per dependency per request."""
 
 from __future__ import annotations
 
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Request
 
+from app.service.catalog import ProductCatalog
 from app.service.errors import Forbidden, NotReady, Unauthorized
-from app.service.registry import validate_product_name
+from app.service.jobs import JobRunner
+from app.service.metrics import ServiceMetrics
+from app.service.predictor import Predictor
+from app.service.resources import Resources
 from app.service.settings import Settings
-from app.service.state import ServiceState
+from app.service.staging import StagingArea
+from app.storage import PRODUCT_NAME, check_product_name
 
 
-def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
+async def get_resources(request: Request) -> Resources:
+    resources = getattr(request.app.state, "resources", None)
+    if resources is None:  # only between create_app and the lifespan's start
+        raise NotReady("service not ready (starting)")
+    return resources
 
 
-StateDep = Annotated[ServiceState, Depends(get_state)]
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 
-def get_settings_dep(state: StateDep) -> Settings:
-    return state.settings
+async def get_settings_dep(resources: ResourcesDep) -> Settings:
+    return resources.settings
+
+
+async def get_catalog(resources: ResourcesDep) -> ProductCatalog:
+    return resources.catalog
+
+
+async def get_jobs(resources: ResourcesDep) -> JobRunner:
+    return resources.jobs
+
+
+async def get_staging(resources: ResourcesDep) -> StagingArea:
+    return resources.staging
+
+
+async def get_metrics(resources: ResourcesDep) -> ServiceMetrics:
+    return resources.metrics
+
+
+async def get_predictor(resources: ResourcesDep) -> Predictor:
+    return resources.predictor
+
+
+async def get_ready_predictor(resources: ResourcesDep) -> Predictor:
+    if not resources.ready:
+        detail = "startup failed" if resources.startup.error else \
+            "starting: loading the backbone and banks"
+        raise NotReady(f"service not ready ({detail})")
+    return resources.predictor
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+CatalogDep = Annotated[ProductCatalog, Depends(get_catalog)]
+JobsDep = Annotated[JobRunner, Depends(get_jobs)]
+StagingDep = Annotated[StagingArea, Depends(get_staging)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+ReadyPredictorDep = Annotated[Predictor, Depends(get_ready_predictor)]
 
 
-def get_ready_state(state: StateDep) -> ServiceState:
-    if not state.ready:
-        detail = state.startup_error or "starting: loading the backbone and banks"
-        raise NotReady(f"service not ready ({detail})")
-    return state
-
-
-ReadyStateDep = Annotated[ServiceState, Depends(get_ready_state)]
-
-
-def valid_product(product: str) -> str:
-    return validate_product_name(product)
+async def valid_product(
+    # The pattern is documented in the OpenAPI schema; the check itself is the store's
+    # one rule, so a bad name answers invalid_product_name, not a generic 422.
+    product: Annotated[str, Path(description="product name",
+                                 json_schema_extra={"pattern": PRODUCT_NAME.pattern})],
+) -> str:
+    return check_product_name(product)
 
 
 ProductDep = Annotated[str, Depends(valid_product)]
 
 
-def require_admin(
-    state: StateDep,
+async def require_admin(
+    request: Request,
     x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
     """X-API-Key or Authorization: Bearer, compared in constant time."""
-    settings = state.settings
+    settings: Settings = request.app.state.settings
     presented = x_api_key
     if presented is None and authorization:
         scheme, _, token = authorization.partition(" ")

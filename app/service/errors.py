@@ -22,10 +22,6 @@ class ServiceError(Exception):
     """Base class of errors raised on purpose by the service layer."""
 
 
-class InvalidProductName(ServiceError):
-    pass
-
-
 class ProductNotFound(ServiceError):
     pass
 
@@ -99,7 +95,6 @@ class ClientGone(ServiceError):
 # Exception class -> (HTTP status, stable error code). Looked up along the MRO,
 # so a subclass maps like its nearest listed parent.
 ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
-    InvalidProductName: (422, "invalid_product_name"),
     ProductNotFound: (404, "product_not_found"),
     ProductUnavailable: (503, "product_unavailable"),
     VersionNotFound: (404, "version_not_found"),
@@ -118,6 +113,7 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     NotReady: (503, "not_ready"),
     ClientGone: (499, "client_closed_request"),
     storage.ProductNotFound: (404, "product_not_found"),
+    storage.InvalidProductName: (422, "invalid_product_name"),
     storage.InvalidName: (422, "invalid_name"),
     core.InvalidImage: (400, "invalid_image"),
     core.ImageTooLarge: (413, "image_too_large"),
@@ -196,6 +192,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(ServiceError, domain_error)
     app.add_exception_handler(core.PatchCoreError, domain_error)
+    app.add_exception_handler(storage.InvalidName, domain_error)
+    app.add_exception_handler(storage.ProductNotFound, domain_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected_error)

@@ -1,9 +1,9 @@
 """Background bank builds: one worker thread, jobs with state, phase, progress and timings.
 
 A job reads the product's staging set, calls the engine's `build_bank` (which
-polls `should_stop` so a cancel takes effect between steps), writes the bank
-atomically through the store (older versions stay on disk), and swaps the new
-model in while requests keep flowing.
+polls `should_stop` so a cancel takes effect between steps), and publishes the
+bank through the `ProductCatalog` (a new immutable version in the store; when
+asked, activated and swapped in while requests keep flowing).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from app.core.embedding import EmbedderConfig
+from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import BuildCancelled
 from app.core.patchcore import PatchCoreConfig, build_bank
+from app.service.catalog import ProductCatalog
 from app.service.errors import JobConflict, JobNotFound, status_and_code
-from app.service.registry import ProductRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class BuildParams:
     coreset_ratio: float | None = None
     backbone: str | None = None
     seed: int | None = None
+    activate: bool = True
 
     def config(self) -> PatchCoreConfig:
         defaults = PatchCoreConfig()
@@ -85,7 +86,8 @@ class Job:
             "phase": self.phase,
             "progress": round(self.progress, 1),
             "params": {"coreset_ratio": self.params.coreset_ratio,
-                       "backbone": self.params.backbone, "seed": self.params.seed},
+                       "backbone": self.params.backbone, "seed": self.params.seed,
+                       "activate": self.params.activate},
             "source": self.source,
             "image_count": self.image_count,
             "version": self.version,
@@ -105,14 +107,15 @@ class Job:
 ImageSource = Callable[[], Sequence[Path | np.ndarray]]
 
 
-class JobManager:
+class JobRunner:
     """Runs builds one at a time in a dedicated thread; keeps recent finished jobs."""
 
-    def __init__(self, registry: ProductRegistry, store: Any, *, max_finished: int = 100,
+    def __init__(self, catalog: ProductCatalog, embedder_for: Callable[[EmbedderConfig], PatchEmbedder],
+                 *, max_finished: int = 100,
                  on_change: Callable[[dict[str, int]], None] | None = None,
                  on_finished: Callable[[Job], None] | None = None):
-        self.registry = registry
-        self.store = store
+        self.catalog = catalog
+        self.embedder_for = embedder_for
         self.max_finished = max_finished
         self._on_change = on_change
         self._on_finished = on_finished
@@ -168,7 +171,17 @@ class JobManager:
                 return job
         return None
 
-    def shutdown(self) -> None:
+    def cancel_product(self, product: str) -> None:
+        """Cancel the product's queued or running build, if any (before a delete)."""
+        job = self.busy_with(product)
+        if job is not None and job.active:
+            job.cancel_event.set()
+            with self._lock:
+                if job.state == "queued":
+                    self._finish(job, "cancelled")
+            self._changed()
+
+    def close(self) -> None:
         for job in list(self._jobs.values()):
             if job.active:
                 job.cancel_event.set()
@@ -199,16 +212,14 @@ class JobManager:
             progress("loading", 0.0)
             paths = list(images())
             job.image_count = len(paths)
-            embedder = self.registry.embedder(config.embedder)
+            embedder = self.embedder_for(config.embedder)
             bank = build_bank(paths, config, embedder, progress=progress,
                               should_stop=job.cancel_event.is_set)
             if job.cancel_event.is_set():
                 raise BuildCancelled("cancelled")
             progress("saving", 0.95)
-            version = self.store.save(job.product, bank, activate=True)
-            job.version = str(version)
-            progress("activating", 0.98)
-            self.registry.install(job.product, job.version, bank)
+            job.version = self.catalog.publish(job.product, bank, activate=job.params.activate,
+                                               cancelled=job.cancel_event.is_set)
             progress("done", 1.0)
             job.progress = 100.0
             state = "succeeded"

@@ -93,9 +93,14 @@ def _route_template(scope: Scope) -> str:
 class RequestContextMiddleware:
     """Pure ASGI: request id, access log, request count and latency metrics."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics):
+    def __init__(self, app: ASGIApp):
         self.app = app
-        self.metrics = metrics
+
+    @staticmethod
+    def _metrics(scope: Scope) -> ServiceMetrics | None:
+        # The metrics live with the resources the lifespan opened (none before it ran).
+        resources = getattr(getattr(scope.get("app"), "state", None), "resources", None)
+        return getattr(resources, "metrics", None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -126,8 +131,10 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
             method = scope.get("method", "")
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(elapsed)
+            metrics = self._metrics(scope)
+            if metrics is not None:
+                metrics.requests.labels(method, route, str(status)).inc()
+                metrics.latency.labels(method, route).observe(elapsed)
             access_logger.info(
                 "%s %s %d", method, scope.get("path", ""), status,
                 extra={"status": status, "route": route, "duration_ms": round(elapsed * 1000, 2)},

@@ -43,7 +43,7 @@ class ServiceMetrics:
         self.time_computing = Histogram("patchcore_time_computing_seconds",
                                         "Time to compute one batch (backbone + kNN)",
                                         buckets=_LATENCY_BUCKETS, registry=r)
-        self.dropped = Counter("patchcore_dropped_images_total",
+        self.dropped_total = Counter("patchcore_dropped_images_total",
                                "Images dropped before compute", ["reason"], registry=r)
         self.rejected = Counter("patchcore_rejected_requests_total",
                                 "Predict requests refused because the queue was full", registry=r)
@@ -72,7 +72,7 @@ class ServiceMetrics:
             self.time_queued.observe(q)
 
     def dropped_images(self, reason: str, count: int) -> None:
-        self.dropped.labels(reason).inc(count)
+        self.dropped_total.labels(reason).inc(count)
 
     def dropped(self, reason: str, count: int) -> None:  # BatchObserver protocol
         self.dropped_images(reason, count)

@@ -1,53 +1,33 @@
-"""Per-product serving state: the loaded model of each product, failed banks, hot swap.
+"""The loaded model of each product, failed banks, and the embedders they share.
 
-Everything lives on one `ProductRegistry` held by `app.state`; nothing is
-process-global. Readers never lock: the product table is replaced as a whole
-(copy on write), so a request sees either the old model or the new one, and a
-swap never makes a request fail or wait.
+Readers never lock: the product table is replaced as a whole (copy on write),
+so a request sees either the old model or the new one, and a swap never makes a
+request fail or wait. Writers (load, install, remove) are serialised by the
+`ProductCatalog`, which keeps the store's active pointer and this table in step.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from app.core.bank import MemoryBank
 from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import PatchCoreError
 from app.core.patchcore import PatchCoreModel
-from app.service.errors import (
-    InvalidProductName,
-    ProductNotFound,
-    ProductUnavailable,
-    VersionNotFound,
-    status_and_code,
-)
+from app.service.errors import ProductNotFound, ProductUnavailable, status_and_code
+from app.storage import BankStore
 
 logger = logging.getLogger(__name__)
 
-PRODUCT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+EmbedderFactory = Callable[[EmbedderConfig], PatchEmbedder]
 
 
-def validate_product_name(name: str) -> str:
-    if not PRODUCT_NAME.fullmatch(name):
-        raise InvalidProductName(
-            f"invalid product name {name[:80]!r}: expected [a-z0-9][a-z0-9_-]{{0,63}}")
-    return name
-
-
-def embedder_config_of(bank: Any) -> EmbedderConfig:
-    """The EmbedderConfig a bank was built with, from its manifest."""
-    config = getattr(bank, "embedder_config", None)
-    if isinstance(config, EmbedderConfig):
-        return config
-    return EmbedderConfig.from_dict(bank.manifest["embedder"])
-
-
-def describe_bank(bank: Any) -> dict:
+def describe_bank(bank: MemoryBank) -> dict:
+    """What the product listing shows of a bank (nothing of the server's file system)."""
     manifest = bank.manifest
     embedder = manifest.get("embedder", {})
     calibration = manifest.get("calibration", {}) or {}
@@ -66,9 +46,12 @@ class LoadedProduct:
     name: str
     version: str
     model: PatchCoreModel
-    embedder: PatchEmbedder
     info: dict
     loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def embedder(self) -> PatchEmbedder:
+        return self.model.embedder
 
     def describe(self) -> dict:
         return {"name": self.name, "status": "loaded", "version": self.version, **self.info,
@@ -83,14 +66,17 @@ class FailedProduct:
     error_code: str
 
     def describe(self) -> dict:
-        return {"name": self.name, "status": "failed", "version": self.version,
-                "reason": self.reason, "error_code": self.error_code}
+        out = {"name": self.name, "status": "failed", "reason": self.reason,
+               "error_code": self.error_code}
+        if self.version is not None:
+            out["version"] = self.version
+        return out
 
 
 class ProductRegistry:
-    """Loaded PatchCore models per product, and the embedders they share."""
+    """Loaded PatchCore models per product, and one embedder per EmbedderConfig."""
 
-    def __init__(self, store: Any, embedder_factory: Callable[[EmbedderConfig], PatchEmbedder],
+    def __init__(self, store: BankStore, embedder_factory: EmbedderFactory,
                  on_change: Callable[[], None] | None = None):
         self.store = store
         self._embedder_factory = embedder_factory
@@ -98,7 +84,7 @@ class ProductRegistry:
         self._products: dict[str, LoadedProduct] = {}
         self._failed: dict[str, FailedProduct] = {}
         self._embedders: dict[EmbedderConfig, PatchEmbedder] = {}
-        self._write_lock = threading.RLock()
+        self._write_lock = threading.Lock()
         self._embedder_lock = threading.Lock()
 
     # ---------------------------------------------------------------- embedders
@@ -113,10 +99,6 @@ class ProductRegistry:
                 found = self._embedder_factory(config)
                 self._embedders = {**self._embedders, config: found}
             return found
-
-    @property
-    def embedders(self) -> dict[EmbedderConfig, PatchEmbedder]:
-        return self._embedders
 
     # ---------------------------------------------------------------- reads (lock-free)
     def get(self, name: str) -> LoadedProduct:
@@ -134,14 +116,13 @@ class ProductRegistry:
     def failed(self) -> dict[str, FailedProduct]:
         return self._failed
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._products
+    def knows(self, name: str) -> bool:
+        return name in self._products or name in self._failed
 
     # ---------------------------------------------------------------- writes
-    def load_all(self) -> None:
-        """Load the active bank of every product in the store; failures are recorded."""
-        for name in sorted(self.store.products()):
-            self.load(name)
+    def model_for(self, bank: MemoryBank) -> PatchCoreModel:
+        """A ready-to-serve model for a bank: the (slow) part of a swap, done before it."""
+        return PatchCoreModel(bank, self.embedder(EmbedderConfig.from_dict(bank.embedder)))
 
     def load(self, name: str, version: str | None = None) -> LoadedProduct | None:
         """Load a product's bank (its active one by default) and swap it in.
@@ -151,7 +132,7 @@ class ProductRegistry:
         """
         try:
             version, bank = self.store.load(name, version)
-            return self.install(name, version, bank)
+            return self.install(name, version, self.model_for(bank))
         except (PatchCoreError, OSError, ValueError, LookupError, TypeError) as exc:
             logger.error("bank for %s failed to load: %s", name, exc,
                          extra={"product": name, "version": version})
@@ -162,11 +143,9 @@ class ProductRegistry:
             self._changed()
             return None
 
-    def install(self, name: str, version: str, bank: Any) -> LoadedProduct:
-        """Swap a bank in for `name`: the new model is complete before it is visible."""
-        embedder = self.embedder(embedder_config_of(bank))
-        model = PatchCoreModel(bank, embedder)
-        loaded = LoadedProduct(name, version, model, embedder, describe_bank(bank))
+    def install(self, name: str, version: str, model: PatchCoreModel) -> LoadedProduct:
+        """Make `model` the one serving `name`: it is complete before it is visible."""
+        loaded = LoadedProduct(name, version, model, describe_bank(model.bank))
         with self._write_lock:
             self._products = {**self._products, name: loaded}
             self._failed = {k: v for k, v in self._failed.items() if k != name}
@@ -175,21 +154,6 @@ class ProductRegistry:
                            "bank_size": loaded.info["bank_size"]})
         self._changed()
         return loaded
-
-    def activate(self, name: str, version: str) -> LoadedProduct:
-        """Load `version` first, then make it active on disk and swap it in.
-
-        A version that fails to load raises and changes nothing.
-        """
-        versions = [str(v) for v in self.store.versions(name)] if name in set(
-            self.store.products()) else []
-        if not versions:
-            raise ProductNotFound(f"no product named {name!r}")
-        if version not in versions:
-            raise VersionNotFound(f"{name!r} has no version {version!r}; it has {versions}")
-        _, bank = self.store.load(name, version)
-        self.store.activate(name, version)
-        return self.install(name, version, bank)
 
     def remove(self, name: str) -> None:
         with self._write_lock:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -92,7 +93,7 @@ def find_regions(normalised_map: np.ndarray, size: tuple[int, int] | None = None
     index = np.arange(1, count + 1)
     areas = ndimage.sum_labels(mask, labels, index)
     peaks = ndimage.maximum(scores, labels, index)
-    regions = []
+    regions: list[dict[str, Any]] = []
     for label, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
@@ -103,5 +104,5 @@ def find_regions(normalised_map: np.ndarray, size: tuple[int, int] | None = None
             "area": int(areas[label - 1]),
             "max_score": float(peaks[label - 1]),
         })
-    regions.sort(key=lambda r: r["area"], reverse=True)
+    regions.sort(key=lambda r: int(r["area"]), reverse=True)
     return regions[:max_regions]

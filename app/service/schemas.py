@@ -68,7 +68,8 @@ class PredictResponse(BaseModel):
 class ProductInfo(BaseModel):
     name: str
     status: Literal["loaded", "failed"]
-    version: str | None
+    version: str | None = Field(default=None, description="the served version (absent when "
+                                "no version could be loaded)")
     backbone: str | None = None
     image_size: int | None = None
     bank_size: int | None = None
@@ -77,6 +78,7 @@ class ProductInfo(BaseModel):
     created_at: str | float | None = None
     loaded_at: float | None = None
     versions: list[str] | None = None
+    active_version: str | None = Field(default=None, description="the store's active pointer")
     reason: str | None = None
     error_code: str | None = None
 
@@ -112,6 +114,7 @@ class BuildRequest(BaseModel):
     coreset_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
     backbone: str | None = Field(default=None, max_length=64)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    activate: bool = Field(default=True, description="serve the new bank as soon as it is built")
 
 
 class ActivateRequest(BaseModel):

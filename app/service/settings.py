@@ -14,6 +14,8 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_ADMIN_KEY_LENGTH = 16
+# The one name for a local backbone weights file, read by the service and the CLI alike.
+WEIGHTS_ENV = "PATCHCORE_WEIGHTS_PATH"
 
 
 class Settings(BaseSettings):
@@ -23,7 +25,7 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Optional local weights file for the default backbone (offline deployments).
-    weights_path: Path | None = None
+    weights_path: Path | None = None  # env: WEIGHTS_ENV
     # Build the "demo" bank from the packaged demo images at startup when missing.
     demo: bool = True
 

@@ -10,6 +10,7 @@ ratio, member count, and a bounded read that does not trust the header).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import os
@@ -68,23 +69,23 @@ class StagingArea:
         return self.root / product
 
     # ---------------------------------------------------------------- reading
-    def list(self, product: str) -> list[StagedImage]:
+    def list(self, product: str) -> builtins.list[StagedImage]:
         folder = self.folder(product)
         if not folder.is_dir():
             return []
         return [StagedImage(p.name, p.stat().st_size, p) for p in sorted(folder.iterdir())
                 if p.is_file() and not p.is_symlink() and p.suffix.lower() in IMAGE_SUFFIXES]
 
-    def paths(self, product: str) -> list[Path]:
+    def paths(self, product: str) -> builtins.list[Path]:
         images = [s.path for s in self.list(product)]
         if not images:
             raise NoNominalImages(f"no nominal images staged for {product!r}; upload some first")
         return images
 
     # ---------------------------------------------------------------- writing
-    def add(self, product: str, files: list[UploadedFile]) -> list[StagedImage]:
+    def add(self, product: str, files: builtins.list[UploadedFile]) -> builtins.list[StagedImage]:
         """Validate every upload (zips expanded), then store them all. Returns what was added."""
-        images: list[tuple[str, bytes]] = []
+        images: builtins.list[tuple[str, bytes]] = []
         for upload in files:
             if self._is_zip(upload):
                 images.extend(self._expand_zip(upload))
@@ -140,12 +141,12 @@ class StagingArea:
             return True
         return upload.filename.lower().endswith(".zip") or upload.data[:4] == b"PK\x03\x04"
 
-    def _expand_zip(self, upload: UploadedFile) -> list[tuple[str, bytes]]:
+    def _expand_zip(self, upload: UploadedFile) -> builtins.list[tuple[str, bytes]]:
         try:
             archive = zipfile.ZipFile(io.BytesIO(upload.data))
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
             raise InvalidUpload(f"{upload.filename} is not a readable zip archive: {exc}") from exc
-        out: list[tuple[str, bytes]] = []
+        out: builtins.list[tuple[str, bytes]] = []
         total = 0
         with archive:
             members = archive.infolist()

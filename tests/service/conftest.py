@@ -74,7 +74,8 @@ class LiveServer:
 
     @property
     def state(self):
-        return self.app.state.service
+        """The resources the lifespan opened (app.service.resources.Resources)."""
+        return self.app.state.resources
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kw)

@@ -8,7 +8,7 @@ import pytest
 
 from app.core.images import decode_image
 from app.core.patchcore import PatchCoreModel
-from app.service.inference import prepare, run_batch
+from app.service.inference import prepare, score_prepared
 from app.service.registry import LoadedProduct, describe_bank
 
 pytestmark = pytest.mark.slow
@@ -28,18 +28,21 @@ class CountingEmbedder:
         self.calls.append(int(batch.shape[0]))
         return self.inner.embed(batch)
 
+    def __getattr__(self, name):  # config, feature_dim, device, ...
+        return getattr(self.inner, name)
+
 
 def test_mixed_products_share_one_backbone_pass(server, bottle_job, tile_bank, embedder,
                                                 bottle_good, bottle_defect, tile_test):
-    bottle = server.state.registry.get("bottle")
+    bottle = server.state.predictor.get("bottle")
     counting = CountingEmbedder(embedder)
-    tile_model = PatchCoreModel(tile_bank, embedder)
-    tile = LoadedProduct("tile", "v1", tile_model, counting, describe_bank(tile_bank))
-    bottle_counted = LoadedProduct("bottle", bottle.version, bottle.model, counting, bottle.info)
+    tile = LoadedProduct("tile", "v1", PatchCoreModel(tile_bank, counting), describe_bank(tile_bank))
+    bottle_counted = LoadedProduct("bottle", bottle.version,
+                                   PatchCoreModel(bottle.model.bank, counting), bottle.info)
     inputs = [(bottle_counted, bottle_good[0]), (tile, tile_test), (bottle_counted,
                                                                      bottle_defect[0])]
     items = [prepare(p, path.read_bytes(), 10_000_000, keep_image=False) for p, path in inputs]
-    results = run_batch(items)
+    results = score_prepared(items)
     assert counting.calls == [3], "one backbone pass for the whole mixed batch"
     for (product, path), result in zip(inputs, results, strict=True):
         alone = product.model.predict([decode_image(path)])[0]
@@ -51,15 +54,17 @@ def test_mixed_products_share_one_backbone_pass(server, bottle_job, tile_bank, e
 
 def test_a_failing_product_fails_only_its_images(server, bottle_job, bottle_good, tile_test,
                                                  tile_bank, embedder):
-    bottle = server.state.registry.get("bottle")
+    bottle = server.state.predictor.get("bottle")
 
     class Broken:
+        embedder = bottle.embedder
+
         def predict_embeddings(self, embeddings, sizes):
             raise RuntimeError("index exploded")
 
-    broken = LoadedProduct("broken", "v0", Broken(), bottle.embedder, bottle.info)
+    broken = LoadedProduct("broken", "v0", Broken(), bottle.info)
     items = [prepare(bottle, bottle_good[0].read_bytes(), 10_000_000, False),
              prepare(broken, bottle_good[0].read_bytes(), 10_000_000, False)]
-    good, bad = run_batch(items)
+    good, bad = score_prepared(items)
     assert good.raw_score > 0
     assert isinstance(bad, RuntimeError)

@@ -5,8 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from app.service.deps import AdminDep, ProductDep, StateDep
-from app.service.errors import ProductNotFound
+from app.service.deps import AdminDep, CatalogDep, JobsDep, ProductDep, SettingsDep, StagingDep
 from app.service.jobs import BuildParams
 from app.service.schemas import (
     ERROR_RESPONSES,
@@ -43,77 +42,70 @@ NOMINAL_BODY = {
 
 @router.post("/products/{product}/nominal", response_model=StagingAdded,
              status_code=status.HTTP_201_CREATED, openapi_extra=NOMINAL_BODY)
-async def add_nominal(product: ProductDep, request: Request, state: StateDep) -> dict:
+async def add_nominal(product: ProductDep, request: Request, staging: StagingDep,
+                      settings: SettingsDep) -> dict:
     """Add nominal images to the product's staging set."""
-    uploads = await read_uploads(request, state.settings.max_images_per_request * 16,
+    uploads = await read_uploads(request, settings.max_images_per_request * 16,
                                  raw_types=ZIP_TYPES, allow_zip=True)
-    added = await run_in_threadpool(state.staging.add, product, uploads)
-    count = len(await run_in_threadpool(state.staging.list, product))
+    added = await run_in_threadpool(staging.add, product, uploads)
+    count = len(await run_in_threadpool(staging.list, product))
     return {"product": product, "added": len(added), "count": count}
 
 
 @router.get("/products/{product}/nominal", response_model=StagingList)
-async def list_nominal(product: ProductDep, state: StateDep) -> dict:
+async def list_nominal(product: ProductDep, staging: StagingDep) -> dict:
     """List the product's staged nominal images."""
-    images = await run_in_threadpool(state.staging.list, product)
+    images = await run_in_threadpool(staging.list, product)
     return {"product": product, "count": len(images), "images": [i.describe() for i in images]}
 
 
 @router.delete("/products/{product}/nominal", response_model=StagingCleared)
-async def clear_nominal(product: ProductDep, state: StateDep) -> dict:
+async def clear_nominal(product: ProductDep, staging: StagingDep) -> dict:
     """Clear the product's staging set."""
-    return {"product": product, "removed": await run_in_threadpool(state.staging.clear, product)}
+    return {"product": product, "removed": await run_in_threadpool(staging.clear, product)}
 
 
 @router.post("/products/{product}/builds", response_model=JobInfo,
              status_code=status.HTTP_202_ACCEPTED)
-async def start_build(product: ProductDep, state: StateDep, response: Response,
+async def start_build(product: ProductDep, staging: StagingDep, jobs: JobsDep, response: Response,
                       params: Annotated[BuildRequest | None, Body()] = None) -> dict:
     """Build a new bank from the staging set in the background; returns the job."""
     params = params or BuildRequest()
-    paths = await run_in_threadpool(state.staging.paths, product)
-    job = state.jobs.submit(product, BuildParams(params.coreset_ratio, params.backbone,
-                                                 params.seed), lambda: paths)
+    paths = await run_in_threadpool(staging.paths, product)
+    job = jobs.submit(product, BuildParams(params.coreset_ratio, params.backbone, params.seed,
+                                           params.activate), lambda: paths)
     response.headers["Location"] = f"/v1/admin/jobs/{job.id}"
     return job.describe()
 
 
 @router.get("/jobs", response_model=JobList)
-async def list_jobs(state: StateDep) -> dict:
+async def list_jobs(jobs: JobsDep) -> dict:
     """Recent build jobs, newest first."""
-    return {"jobs": [job.describe() for job in state.jobs.list()]}
+    return {"jobs": [job.describe() for job in jobs.list()]}
 
 
 @router.get("/jobs/{job_id}", response_model=JobInfo)
-async def get_job(job_id: str, state: StateDep) -> dict:
+async def get_job(job_id: str, jobs: JobsDep) -> dict:
     """A build job's state, phase, progress, timings and error."""
-    return state.jobs.get(job_id).describe()
+    return jobs.get(job_id).describe()
 
 
 @router.delete("/jobs/{job_id}", response_model=JobInfo, status_code=status.HTTP_202_ACCEPTED)
-async def cancel_job(job_id: str, state: StateDep) -> dict:
+async def cancel_job(job_id: str, jobs: JobsDep) -> dict:
     """Cancel a queued or running build."""
-    return state.jobs.cancel(job_id).describe()
+    return jobs.cancel(job_id).describe()
 
 
 @router.post("/products/{product}/activate", response_model=ProductInfo)
-async def activate(product: ProductDep, body: ActivateRequest, state: StateDep) -> dict:
+async def activate(product: ProductDep, body: ActivateRequest, catalog: CatalogDep) -> dict:
     """Serve another version of the product's bank (roll back or forward)."""
-    loaded = await run_in_threadpool(state.registry.activate, product, body.version)
+    loaded = await run_in_threadpool(catalog.activate, product, body.version)
     return loaded.describe()
 
 
 @router.delete("/products/{product}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_product(product: ProductDep, state: StateDep) -> Response:
-    """Remove a product: its banks on disk, its staging set, and its serving model."""
-    known = product in state.registry.loaded() or product in state.registry.failed() or \
-        product in await run_in_threadpool(state.store.products)
-    if not known:
-        raise ProductNotFound(f"no product named {product!r}")
-    job = state.jobs.busy_with(product)
-    if job is not None:
-        state.jobs.cancel(job.id)
-    await run_in_threadpool(state.store.delete_product, product)
-    state.registry.remove(product)
-    await run_in_threadpool(state.staging.clear, product)
+async def delete_product(product: ProductDep, catalog: CatalogDep, jobs: JobsDep) -> Response:
+    """Remove a product: its banks in the store, its staging set, and its serving model."""
+    jobs.cancel_product(product)
+    await run_in_threadpool(catalog.delete, product)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

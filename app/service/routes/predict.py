@@ -4,8 +4,8 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 
-from app.service.deps import ProductDep, ReadyStateDep
-from app.service.inference import predict_uploads
+from app.service.deps import ProductDep, ReadyPredictorDep
+from app.service.inference import PredictOptions
 from app.service.schemas import ERROR_RESPONSES, PredictResponse
 from app.service.uploads import read_uploads
 
@@ -40,14 +40,10 @@ RegionsOption = Annotated[
 
 @router.post("/products/{product}/predict", response_model=PredictResponse,
              responses=ERROR_RESPONSES, openapi_extra=PREDICT_BODY)
-async def predict(product: ProductDep, request: Request, state: ReadyStateDep,
+async def predict(product: ProductDep, request: Request, predictor: ReadyPredictorDep,
                   heatmap: HeatmapOption = "png", regions: RegionsOption = False) -> dict:
     """Score images against the product's active bank."""
-    loaded = state.registry.get(product)
-    settings = state.settings
-    uploads = await read_uploads(request, settings.max_images_per_request)
-    return await predict_uploads(
-        loaded=loaded, uploads=uploads, heatmap=heatmap, regions=regions, pool=state.cpu_pool,
-        batcher=state.batcher, max_pixels=settings.max_image_pixels,
-        timeout_s=settings.request_timeout_s, metrics=state.metrics,
-        is_disconnected=request.is_disconnected)
+    predictor.get(product)  # an unknown product answers 404 before the body is read
+    uploads = await read_uploads(request, predictor.settings.max_images_per_request)
+    return await predictor.predict(product, uploads, PredictOptions(heatmap, regions),
+                                   is_disconnected=request.is_disconnected)

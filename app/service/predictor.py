@@ -1,0 +1,166 @@
+"""The `Predictor`: everything that answers predict requests.
+
+It owns the micro-batcher and its one device worker, the CPU pool that decodes
+and renders, the loaded model of every product (`ProductRegistry`) and the
+prediction metrics. Created in the lifespan and handed to routes by
+`deps.PredictorDep`; `start()` / `close()` bracket its life. Nothing in it
+knows about HTTP, so another host (a Ray Serve replica) runs it unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from app.core.embedding import EmbedderConfig, PatchEmbedder, create_embedder
+from app.core.errors import PatchCoreError
+from app.core.patchcore import Prediction
+from app.service.batching import MicroBatcher, Timed
+from app.service.errors import ClientGone, Overloaded
+from app.service.inference import PredictOptions, PreparedImage, prepare, render, score_prepared
+from app.service.metrics import ServiceMetrics
+from app.service.registry import EmbedderFactory, FailedProduct, LoadedProduct, ProductRegistry
+from app.service.settings import Settings
+from app.service.staging import UploadedFile
+from app.storage import BankStore
+
+logger = logging.getLogger(__name__)
+
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+class Predictor:
+    def __init__(self, settings: Settings, store: BankStore, metrics: ServiceMetrics, *,
+                 embedder_factory: EmbedderFactory | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = ProductRegistry(store, embedder_factory or self._create_embedder,
+                                        on_change=self._banks_changed)
+        self.batcher: MicroBatcher[PreparedImage, Prediction] = MicroBatcher(
+            score_prepared, max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size, observer=metrics)
+        metrics.track_queue(lambda: self.batcher.depth, settings.queue_size)
+        # Decode/validate/resize and heatmap rendering: CPU work kept off the event loop.
+        self.cpu_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="prepare")
+        self.backbone_loaded = False
+        self.banks_loaded = False
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the batch worker (cheap); `load` does the slow part."""
+        self.batcher.start()
+
+    def load(self) -> None:
+        """Load the default backbone, then the active bank of every stored product."""
+        self.registry.embedder(EmbedderConfig())
+        self.backbone_loaded = True
+        for name in sorted(self.registry.store.products()):
+            self.registry.load(name)
+        self.banks_loaded = True
+        if self.registry.failed():
+            logger.warning("%d bank(s) failed to load: %s", len(self.registry.failed()),
+                           ", ".join(sorted(self.registry.failed())))
+
+    def close(self) -> None:
+        self.batcher.stop()
+        self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+
+    def checks(self) -> dict[str, bool]:
+        return {"backbone_loaded": self.backbone_loaded, "banks_loaded": self.banks_loaded,
+                "batch_worker_running": self.batcher.running}
+
+    # ---------------------------------------------------------------- products
+    def get(self, name: str) -> LoadedProduct:
+        return self.registry.get(name)
+
+    def loaded(self) -> dict[str, LoadedProduct]:
+        return self.registry.loaded()
+
+    def failed(self) -> dict[str, FailedProduct]:
+        return self.registry.failed()
+
+    def embedder(self, config: EmbedderConfig) -> PatchEmbedder:
+        return self.registry.embedder(config)
+
+    # ---------------------------------------------------------------- predict
+    async def predict(self, product: str, uploads: Sequence[UploadedFile], options: PredictOptions,
+                      is_disconnected: Disconnected | None = None) -> dict:
+        """Prepare in the CPU pool, score through the batcher, render in the pool."""
+        loaded = self.registry.get(product)
+        loop = asyncio.get_running_loop()
+        keep = options.heatmap == "overlay"
+        max_pixels = self.settings.max_image_pixels
+
+        def prepare_one(index: int, upload: UploadedFile) -> PreparedImage:
+            try:
+                return prepare(loaded, upload.data, max_pixels, keep)
+            except PatchCoreError as exc:
+                raise type(exc)(f"image {index} ({upload.filename}): {exc}") from exc
+
+        # Marked as on its way while it is prepared, so the worker keeps an open batch
+        # waiting for it; submit_many releases the mark as it queues the images.
+        with self.batcher.incoming() as mark:
+            prepared = await asyncio.gather(
+                *(loop.run_in_executor(self.cpu_pool, prepare_one, i, u)
+                  for i, u in enumerate(uploads)))
+            try:
+                scored = await self.batcher.submit_many(
+                    prepared, self.settings.request_timeout_s, is_disconnected, incoming=mark)
+            except Overloaded:
+                self.metrics.rejected.inc()
+                raise
+            except ClientGone:
+                self.metrics.dropped_images("client_gone", len(prepared))
+                raise
+
+        def finish(index: int) -> dict:
+            return _result(index, uploads[index], prepared[index], scored[index], loaded.version,
+                           options)
+
+        if options.renders:
+            results = await asyncio.gather(
+                *(loop.run_in_executor(self.cpu_pool, finish, i) for i in range(len(prepared))))
+        else:
+            # Nothing to render: a few float conversions, cheaper than a hop to the pool,
+            # where the result would also queue behind other requests' decodes.
+            results = [finish(i) for i in range(len(prepared))]
+        self.metrics.images.labels(loaded.name).inc(len(results))
+        anomalous = sum(1 for r in results if r["is_anomalous"])
+        if anomalous:
+            self.metrics.anomalous.labels(loaded.name).inc(anomalous)
+        return {"product": loaded.name, "results": results}
+
+    # ---------------------------------------------------------------- internals
+    def _create_embedder(self, config: EmbedderConfig) -> PatchEmbedder:
+        logger.info("loading backbone %s on %s", config.backbone, self.settings.device)
+        # PATCHCORE_WEIGHTS_PATH is for the default backbone only.
+        weights = self.settings.weights_path if config.backbone == EmbedderConfig().backbone \
+            else None
+        return create_embedder(config, device=self.settings.device, weights_path=weights)
+
+    def _banks_changed(self) -> None:
+        self.metrics.set_banks(
+            {name: (p.version, int(p.info["bank_size"])) for name, p in
+             self.registry.loaded().items()}, len(self.registry.failed()))
+
+
+def _result(index: int, upload: UploadedFile, item: PreparedImage, timed: Timed[Prediction],
+            version: str, options: PredictOptions) -> dict:
+    started = time.perf_counter()
+    p = timed.value
+    drawn = render(p, item, options)
+    height, width = item.size
+    return {
+        "index": index, "filename": upload.filename, "width": width, "height": height,
+        "raw_score": float(p.raw_score), "score": float(p.score),
+        "threshold": float(p.threshold), "is_anomalous": bool(p.is_anomalous),
+        "bank_version": version, **drawn,
+        "timings": {"decode_ms": item.decode_s * 1000, "queued_ms": timed.queued_s * 1000,
+                    "compute_ms": timed.compute_s * 1000,
+                    "render_ms": (time.perf_counter() - started) * 1000,
+                    "batch_size": timed.batch_size},
+    }
+

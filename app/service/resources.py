@@ -1,0 +1,131 @@
+"""The service's resources, created in the FastAPI lifespan and closed after it.
+
+    store     BankStore        where banks live (app.storage)
+    predictor Predictor        batcher, CPU pool, loaded models, prediction metrics
+    staging   StagingArea      uploaded nominal images per product
+    catalog   ProductCatalog   the one writer of products (publish, activate, delete)
+    jobs      JobRunner        background builds
+
+Routes get each through its own dependency (app.service.deps). Opening is
+cheap; the slow part (backbone, banks, the demo bank on a fresh machine) runs in
+a background thread, so /health/live answers at once and /health/ready says 503
+until it is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.service.catalog import ProductCatalog
+from app.service.jobs import BuildParams, JobRunner
+from app.service.metrics import ServiceMetrics
+from app.service.predictor import Predictor
+from app.service.registry import EmbedderFactory
+from app.service.settings import Settings
+from app.service.staging import StagingArea
+from app.storage import BankStore, LocalBankStore
+
+logger = logging.getLogger(__name__)
+
+DEMO_PRODUCT = "demo"
+
+
+def create_store(settings: Settings) -> BankStore:
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    return LocalBankStore(settings.models_dir)
+
+
+def _demo_images() -> list[Path] | None:
+    """The packaged demo images, or None when app.demo is not installed."""
+    try:
+        from app.demo import demo_nominal_images
+    except ImportError:
+        return None
+    images = list(demo_nominal_images())
+    return images or None
+
+
+@dataclass
+class Startup:
+    """The background part of opening: its state is part of readiness."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def complete(self) -> bool:
+        return self.done.is_set() and self.error is None
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    metrics: ServiceMetrics
+    store: BankStore
+    predictor: Predictor
+    staging: StagingArea
+    catalog: ProductCatalog
+    jobs: JobRunner
+    startup: Startup = field(default_factory=Startup)
+
+    @classmethod
+    def open(cls, settings: Settings, *, store: BankStore | None = None,
+             embedder_factory: EmbedderFactory | None = None) -> Resources:
+        metrics = ServiceMetrics()
+        store = store if store is not None else create_store(settings)
+        predictor = Predictor(settings, store, metrics, embedder_factory=embedder_factory)
+        staging = StagingArea(
+            settings.staging_dir, max_image_pixels=settings.max_image_pixels,
+            max_images=settings.max_staging_images,
+            max_zip_uncompressed_bytes=int(settings.max_zip_uncompressed_mb * 1024 * 1024),
+            max_zip_ratio=settings.max_zip_ratio)
+        catalog = ProductCatalog(store, predictor, staging)
+        jobs = JobRunner(catalog, predictor.embedder, max_finished=settings.max_finished_jobs,
+                         on_change=metrics.set_jobs)
+        resources = cls(settings, metrics, store, predictor, staging, catalog, jobs)
+        predictor.start()
+        threading.Thread(target=resources._load, name="startup", daemon=True).start()
+        return resources
+
+    def close(self) -> None:
+        self.jobs.close()
+        self.predictor.close()
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        return self.startup.done.wait(timeout)
+
+    def checks(self) -> dict[str, bool]:
+        return {**self.predictor.checks(), "startup_complete": self.startup.complete}
+
+    @property
+    def ready(self) -> bool:
+        return all(self.checks().values())
+
+    def _load(self) -> None:
+        try:
+            self.predictor.load()
+            self._build_demo_if_missing()
+        except Exception as exc:
+            self.startup.error = f"{type(exc).__name__}: {exc}"
+            logger.exception("startup failed")
+        finally:
+            self.startup.done.set()
+
+    def _build_demo_if_missing(self) -> None:
+        if not self.settings.demo or DEMO_PRODUCT in set(self.store.products()):
+            return
+        images = _demo_images()
+        if images is None:
+            logger.warning("PATCHCORE_DEMO is on but app.demo has no images; no demo product")
+            return
+        logger.info("building the demo bank from %d packaged images", len(images))
+        job = self.jobs.submit(DEMO_PRODUCT, BuildParams(), lambda: images, source="demo")
+        while job.active:
+            time.sleep(0.1)
+        if job.state != "succeeded":
+            logger.error("demo bank build %s: %s", job.state, job.error)
