@@ -3,7 +3,7 @@
     python -m app build --product NAME --images DIR
     python -m app predict --product NAME IMAGE... [--heatmap-dir DIR]
     python -m app eval --data ROOT --category C [--json OUT]
-    python -m app serve [--host H] [--port P]
+    python -m app serve [--host H] [--port P] [--engine uvicorn|ray]
     python -m app simulate --url URL --product P --images DIR
 """
 
@@ -174,6 +174,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        from app.cluster.serve_app import deploy
+
+        deploy(address=args.address, host=args.host, port=args.port, replicas=args.replicas,
+               num_cpus=args.num_cpus, detach=args.detach)
+        return 0
     from app.service.api import serve
 
     serve(host=args.host, port=args.port)
@@ -225,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the REST service")
     serve.add_argument("--host", default=os.environ.get("PATCHCORE_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("PATCHCORE_PORT", "8000")))
+    serve.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
+                       help="uvicorn: one process (default); ray: Ray Serve replicas (pip install -e '.[ray]')")
+    serve.add_argument("--address", default=None,
+                       help="ray: the cluster to join (HOST:PORT or auto); default starts a local one")
+    serve.add_argument("--replicas", type=int, default=None, help="ray: fixed replicas (default autoscaling 1-4)")
+    serve.add_argument("--num-cpus", type=float, default=1.0, help="ray: CPUs reserved per replica")
+    serve.add_argument("--detach", action="store_true",
+                       help="ray: return once deployed; the app stays on the cluster")
     serve.set_defaults(func=cmd_serve)
 
     from app.simulate import build_parser as build_simulate_parser
