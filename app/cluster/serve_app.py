@@ -25,6 +25,8 @@ import asyncio
 import logging
 import os
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -115,9 +117,24 @@ class PatchCoreReplica:
         from app.cluster.jobs import RayJobRunner
         from app.service.api import create_app
 
-        self.fastapi = create_app(self.settings, jobs_factory=RayJobRunner)
-        self.fastapi.add_middleware(_ReplicaMiddleware, replica=self)
-        return self.fastapi
+        app = create_app(self.settings, jobs_factory=RayJobRunner)
+        app.add_middleware(_ReplicaMiddleware, replica=self)
+        opened = app.router.lifespan_context
+
+        @asynccontextmanager
+        async def opened_and_loaded(application: FastAPI) -> AsyncIterator[Any]:
+            # Serve routes to a replica once its lifespan has started: wait for the backbone
+            # here, so a new replica (scale-up, or one replacing a dead one) never answers 503.
+            async with opened(application) as state:
+                resources = application.state.resources
+                await asyncio.to_thread(resources.wait_started)
+                if resources.startup.error:
+                    raise RuntimeError(f"replica startup failed: {resources.startup.error}")
+                yield state
+
+        app.router.lifespan_context = opened_and_loaded
+        self.fastapi = app
+        return app
 
     def _resources(self) -> Any:
         return None if self.fastapi is None else self.fastapi.state.resources
@@ -172,15 +189,23 @@ def deployment_options(replicas: int | None = None, *, min_replicas: int = 1, ma
     return options
 
 
+def build_options(args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Deployment options from the builder's arguments (a Serve config's `args`)."""
+    args = args or {}
+
+    def given(key: str) -> bool:
+        return args.get(key) not in (None, "", "auto")
+
+    return deployment_options(int(args["replicas"]) if given("replicas") else None,
+                              min_replicas=int(args.get("min_replicas", 1)),
+                              max_replicas=int(args.get("max_replicas", 4)),
+                              num_cpus=float(args.get("num_cpus", 1.0)),
+                              num_gpus=float(args["num_gpus"]) if given("num_gpus") else None)
+
+
 def build(args: dict[str, Any] | None = None) -> Any:
     """Application builder (`serve run app.cluster.serve_app:build replicas=2`)."""
-    args = args or {}
-    replicas = int(args["replicas"]) if args.get("replicas") not in (None, "", "auto") else None
-    gpus = float(args["num_gpus"]) if args.get("num_gpus") not in (None, "", "auto") else None
-    options = deployment_options(replicas, min_replicas=int(args.get("min_replicas", 1)),
-                                 max_replicas=int(args.get("max_replicas", 4)),
-                                 num_cpus=float(args.get("num_cpus", 1.0)), num_gpus=gpus)
-    deployment: Any = serve.deployment(PatchCoreReplica, name=DEPLOYMENT_NAME, **options)
+    deployment: Any = serve.deployment(PatchCoreReplica, name=DEPLOYMENT_NAME, **build_options(args))
     return deployment.bind()
 
 
