@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(default=32.0, gt=0.0)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     max_images_per_request: int = Field(default=16, ge=1)
+    # Decoded pixels of all images of one predict request together (checked from the
+    # headers before anything is decoded): with max_image_pixels it bounds a request's memory.
+    max_request_pixels: int = Field(default=100_000_000, ge=1)
+    # Heatmaps, overlays and region boxes are computed on the photo scaled to fit this
+    # side (aspect kept); boxes are given in the photo's own pixels.
+    max_heatmap_side: int = Field(default=1024, ge=64, le=8192)
+    # A client must deliver each chunk of its body within this time (slow-body guard).
+    body_read_timeout_s: float = Field(default=30.0, gt=0.0)
     max_staging_images: int = Field(default=5_000, ge=1)
     # Zip uploads: total uncompressed bytes and per-member compression ratio.
     max_zip_uncompressed_mb: float = Field(default=512.0, gt=0.0)
