@@ -86,6 +86,7 @@ class Resources:
             max_zip_ratio=settings.max_zip_ratio)
         catalog = ProductCatalog(store, predictor, staging)
         jobs = JobRunner(catalog, predictor.embedder, max_finished=settings.max_finished_jobs,
+                         min_images=settings.min_build_images, records_dir=settings.jobs_dir,
                          on_change=metrics.set_jobs)
         resources = cls(settings, metrics, store, predictor, staging, catalog, jobs)
         predictor.start()

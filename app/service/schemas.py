@@ -128,7 +128,7 @@ class ActivateRequest(BaseModel):
 class JobInfo(BaseModel):
     id: str
     product: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
     phase: str
     progress: float = Field(description="percent, 0-100")
     params: dict

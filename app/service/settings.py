@@ -62,6 +62,9 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ jobs and logs
     max_finished_jobs: int = Field(default=100, ge=1)
+    # Fewer nominal images than this make a bank that cannot be calibrated honestly
+    # (at least 5 are held out to set the threshold).
+    min_build_images: int = Field(default=10, ge=2)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 
@@ -86,6 +89,10 @@ class Settings(BaseSettings):
     def staging_dir(self) -> Path:
         # A dot folder: never a valid product name, so the bank store ignores it.
         return self.models_dir / ".staging"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.models_dir / ".jobs"
 
     @property
     def admin_open(self) -> bool:
