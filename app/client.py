@@ -103,7 +103,7 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"X-API-Key": api_key} if api_key else {}
 
 
-_TERMINAL = ("succeeded", "failed", "cancelled")
+_TERMINAL = ("succeeded", "failed", "cancelled", "interrupted")
 
 
 class PatchCoreClient:

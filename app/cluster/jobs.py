@@ -34,8 +34,8 @@ from app.cluster import JOB_BOARD_NAME, NAMESPACE
 from app.core.embedding import EmbedderConfig
 from app.core.errors import BuildCancelled
 from app.service.catalog import ProductCatalog
-from app.service.errors import JobConflict, JobNotFound, status_and_code
-from app.service.jobs import BuildParams, ImageSource, Job, JobRunner
+from app.service.errors import JobConflict, JobNotFound, TooFewImages, status_and_code
+from app.service.jobs import PHASES, BuildParams, ImageSource, Job, JobRunner
 from app.service.predictor import Predictor
 from app.service.settings import Settings
 
@@ -60,7 +60,8 @@ class JobBoard:
         for job in self.jobs.values():
             if job.product == product and job.active:
                 return {"conflict": f"a build for {product!r} is already {job.state}: {job.id}"}
-        job = Job(uuid.uuid4().hex, product, BuildParams(**params), source=source)
+        job = Job(uuid.uuid4().hex, product, BuildParams(**params), source=source,
+                  image_count=len(images))
         self.jobs[job.id] = job
         self._trim()
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -125,8 +126,9 @@ class JobBoard:
             job.phase_times[job.phase] = job.phase_times.get(job.phase, 0.0) + now - started
             self.phase_started[job_id] = now
             job.phase = phase
-        # As in the single process: the build is 0-95 %, saving and swapping in the rest.
-        job.progress = max(job.progress, min(95.0, 95.0 * float(fraction)))
+        # The single process's progress bar: each phase has its stretch (app.service.jobs.PHASES).
+        start, span = PHASES.get(phase, (job.progress, 0.0))
+        job.progress = max(job.progress, min(100.0, start + span * float(fraction)))
 
     async def cancel_requested(self, job_id: str) -> bool:
         job = self.jobs.get(job_id)
@@ -225,17 +227,20 @@ def build_task(job_id: str, product: str, params: dict, images: list[tuple[str, 
             bank = build_bank(paths, config, embedder, progress=progress, should_stop=stop.is_set)
         if stop.is_set():
             raise BuildCancelled("cancelled")
-        progress("saving", 0.95)
+        progress("saving", 0.0)
         version = create_store(settings).save(product, bank, activate=bool(params.get("activate", True)))
         return {"state": "succeeded", "version": str(version), "image_count": len(images)}
     except BuildCancelled:
         return {"state": "cancelled", "image_count": len(images)}
-    except Exception as exc:
+    except Exception as exc:  # the same error record as the single process's JobRunner
         status, code = status_and_code(exc)
+        message = str(exc) or type(exc).__name__
+        if status == 500 and code == "internal_error":
+            code, message = "build_failed", f"the build failed ({type(exc).__name__})"
+        elif code == "insufficient_storage":
+            message = "the bank store is full; nothing was written"
         logger.exception("build %s for %s failed", job_id, product)
-        return {"state": "failed", "image_count": len(images),
-                "error": {"code": code if status != 500 or code != "internal_error" else "build_failed",
-                          "message": str(exc) or type(exc).__name__}}
+        return {"state": "failed", "image_count": len(images), "error": {"code": code, "message": message}}
     finally:
         done.set()
 
@@ -243,13 +248,8 @@ def build_task(job_id: str, product: str, params: dict, images: list[tuple[str, 
 # --------------------------------------------------------------------------- the replica's side
 def _job(record: dict) -> Job:
     """A snapshot of the board's job, with the same describe() as the single process's."""
-    timings = record["timings_s"]
-    job = Job(record["id"], record["product"], BuildParams(**record["params"]), source=record["source"],
-              state=record["state"], phase=record["phase"], progress=record["progress"],
-              created_at=record["created_at"], started_at=record["started_at"],
-              finished_at=record["finished_at"], phase_times=dict(timings["phases"]),
-              error=record["error"], version=record["version"], image_count=record["image_count"])
-    if record["cancel_requested"]:
+    job = Job.from_record(record)
+    if record.get("cancel_requested"):
         job.cancel_event.set()
     return job
 
@@ -266,14 +266,18 @@ class RayJobRunner(JobRunner):
     """The JobRunner the routes see on a replica: every call goes to the cluster's JobBoard."""
 
     def __init__(self, catalog: ProductCatalog, predictor: Predictor, settings: Settings):
-        super().__init__(catalog, predictor.embedder, max_finished=settings.max_finished_jobs)
+        super().__init__(catalog, predictor.embedder, max_finished=settings.max_finished_jobs,
+                         min_images=settings.min_build_images)
         self.board = job_board(settings.max_finished_jobs)
 
     def submit(self, product: str, params: BuildParams, images: ImageSource,
-               source: str = "staging") -> Job:
+               source: str = "staging", image_count: int | None = None) -> Job:
         params.config()  # invalid parameters fail now, not in the task
         # The staging area is this node's: the task gets the bytes (it may run on another node).
         data = [(_name(i, image), _read(image)) for i, image in enumerate(images())]
+        if len(data) < self.min_images:
+            raise TooFewImages(f"a build needs at least {self.min_images} nominal images; "
+                               f"{len(data)} are staged for {product!r}")
         return _answer(ray.get(self.board.submit.remote(product, dataclasses.asdict(params), data,
                                                           source)))
 

@@ -8,12 +8,46 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from app.core.errors import ImageTooLarge, InvalidImage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# The one list of formats the service accepts, for predict, staging and builds alike
+# (PIL's format names; MPO is the multi-picture JPEG some cameras write). Anything
+# else (GIF, ICO, TGA, PCX, AVIF, ...) is refused, not half-supported.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP")
+SUFFIX_OF_FORMAT = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "BMP": ".bmp", "TIFF": ".tif",
+                    "WEBP": ".webp"}
 DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def probe_image(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) from the header alone, for an accepted format; no pixel is decoded."""
+    if len(data) == 0:
+        raise InvalidImage("empty image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format or "", image.size
+    except Exception as exc:  # PIL raises many types for hostile headers
+        raise InvalidImage(f"not a readable image ({_reason(exc)})") from exc
+    _check_format(fmt)
+    return fmt, int(width), int(height)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ACCEPTED_FORMATS:
+        raise InvalidImage(f"unsupported image format {fmt or 'unknown'}: accepted are PNG, JPEG, "
+                           "BMP, TIFF and WebP")
+
+
+def _reason(exc: BaseException) -> str:
+    """A decoder's complaint without object reprs or paths (PIL puts '<_io.BytesIO object at
+    0x...>' into some messages); the class name when nothing useful is left."""
+    text = str(exc)
+    if "object at 0x" in text or "/" in text or not text:
+        return type(exc).__name__
+    return text[:200]
 
 
 _PNG_END = b"IEND\xaeB`\x82"
@@ -27,10 +61,11 @@ def decode_image(data: bytes | Path | str, max_pixels: int | None = DEFAULT_MAX_
     a decompression bomb costs nothing. Truncated files are refused, not padded.
     """
     if isinstance(data, Path | str):
+        path = Path(data)
         try:
-            data = Path(data).read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise InvalidImage(f"cannot read image file: {exc}") from exc
+            raise InvalidImage(f"cannot read image file {path.name!r}: {exc.strerror}") from exc
     if len(data) == 0:
         raise InvalidImage("empty image")
     try:
@@ -38,6 +73,7 @@ def decode_image(data: bytes | Path | str, max_pixels: int | None = DEFAULT_MAX_
             # We do our own pixel check; PIL's warning would be noise (or an error under pytest).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
+                _check_format(image.format or "")
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageTooLarge(
@@ -54,9 +90,13 @@ def decode_image(data: bytes | Path | str, max_pixels: int | None = DEFAULT_MAX_
     except (ImageTooLarge, InvalidImage):
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImage(f"cannot decode image: {exc}") from exc
+        raise ImageTooLarge(f"image is too large to decode ({_reason(exc)})") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Every decoder failure is the client's image, whatever PIL raises for it
+        # (OSError, SyntaxError, ValueError, RuntimeError from the AVIF/WebP plugins, ...).
+        raise InvalidImage(f"cannot decode image ({_reason(exc)})") from exc
 
 
 def _decode_png_fast(data: bytes) -> np.ndarray | None:
@@ -71,8 +111,8 @@ def _decode_png_fast(data: bytes) -> np.ndarray | None:
         raise InvalidImage("truncated PNG (no IEND chunk)")
     try:
         return np.ascontiguousarray(pyspng.load(data, format="RGB"))
-    except RuntimeError as exc:
-        raise InvalidImage(f"cannot decode PNG: {exc}") from exc
+    except Exception as exc:
+        raise InvalidImage(f"cannot decode PNG ({_reason(exc)})") from exc
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:

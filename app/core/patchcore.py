@@ -74,6 +74,13 @@ class Prediction:
         """(H, W) float32 with the same normalisation as `score` (0.5 = threshold)."""
         return self.calibration.normalise(self.anomaly_map).astype(np.float32)
 
+    def normalised_map_at(self, size: tuple[int, int]) -> np.ndarray:
+        """The normalised map laid over the photo scaled to `size` (H, W): the service
+        renders at a bounded size, so a 40 MP photo never costs a 40 MP float map."""
+        if tuple(size) == tuple(self.size):
+            return self.normalised_map
+        return self.calibration.normalise(to_original_size(self.smoothed_map, size)).astype(np.float32)
+
 
 def _as_array(source: ImageSource) -> np.ndarray:
     return decode_image(Path(source), max_pixels=None) if isinstance(source, Path | str) else as_rgb_array(source)

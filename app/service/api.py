@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import app as app_package
-from app.service.errors import install_error_handlers
+from app.service.auth import AdminAuthMiddleware
+from app.service.errors import UnhandledErrorMiddleware, install_error_handlers
 from app.service.limits import BodySizeLimitMiddleware
 from app.service.logging import RequestContextMiddleware, configure_logging
 from app.service.registry import EmbedderFactory
@@ -43,17 +44,46 @@ def create_app(settings: Settings | None = None, *, store: BankStore | None = No
         finally:
             resources.close()
 
+    # /docs is served from the swagger-ui-bundle package, not a CDN: plant networks are
+    # often air-gapped. ReDoc has no packaged assets, so it is off.
     application = FastAPI(title="PatchCore inspection service", version=app_package.__version__,
-                          description=DESCRIPTION, lifespan=lifespan)
+                          description=DESCRIPTION, lifespan=lifespan, docs_url=None,
+                          redoc_url=None)
+    mount_offline_docs(application)
     application.state.settings = settings
     application.state.resources = None
     install_error_handlers(application)
     for router in (predict.router, products.router, admin.router, health.router):
         application.include_router(router)
-    # Added last = outermost: ids and metrics cover every answer, 413s included.
-    application.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    # Added first = innermost: an unexpected error is answered here without closing
+    # the connection. Added last = outermost: ids and metrics cover every answer.
+    application.add_middleware(UnhandledErrorMiddleware)
+    application.add_middleware(AdminAuthMiddleware, settings=settings)
+    application.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes,
+                               read_timeout_s=settings.body_read_timeout_s)
     application.add_middleware(RequestContextMiddleware)
     return application
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def mount_offline_docs(application: FastAPI) -> None:
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    application.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @application.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=application.openapi_url or "/openapi.json",
+            title=f"{application.title} - API docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:

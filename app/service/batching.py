@@ -77,10 +77,11 @@ _STOP = object()
 class Incoming:
     """One request's mark while its payloads are being prepared (see `MicroBatcher.incoming`)."""
 
-    __slots__ = ("held",)
+    __slots__ = ("held", "images")
 
-    def __init__(self) -> None:
+    def __init__(self, images: int = 0) -> None:
         self.held = False
+        self.images = images  # queue slots reserved for this request
 
 
 class MicroBatcher(Generic[T, R]):
@@ -110,6 +111,8 @@ class MicroBatcher(Generic[T, R]):
         # condition for more items; every put and every release notifies it.
         self._cond = threading.Condition()
         self._incoming = 0
+        # Queue slots promised to requests that are still being prepared.
+        self._reserved = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -153,8 +156,12 @@ class MicroBatcher(Generic[T, R]):
 
     # ------------------------------------------------------------------ admission (event loop)
     @contextlib.contextmanager
-    def incoming(self) -> Iterator[Incoming]:
+    def incoming(self, images: int = 0) -> Iterator[Incoming]:
         """Mark one request as on its way while its payloads are prepared.
+
+        With `images`, the request's queue slots are reserved now: when they do not
+        fit, Overloaded is raised before any decoding is spent on a request that
+        would be refused (and decoded images never pile up waiting for room).
 
         While any request is marked, the worker keeps an open batch waiting (up
         to `max_wait_ms`) for it; with none marked and the queue empty it closes
@@ -162,9 +169,13 @@ class MicroBatcher(Generic[T, R]):
         the same step as it queues the payloads; leaving the block releases it
         if that never happened (a failed decode, a cancelled request).
         """
-        mark = Incoming()
+        mark = Incoming(images)
         with self._cond:
+            if images and self._queue.qsize() + self._reserved + images > self.queue_size:
+                raise Overloaded(f"queue full ({self.queue_size} images waiting); retry later",
+                                 retry_after_s=self.retry_after_s())
             self._incoming += 1
+            self._reserved += images
             mark.held = True
         try:
             yield mark
@@ -177,6 +188,7 @@ class MicroBatcher(Generic[T, R]):
         if mark is not None and mark.held:
             mark.held = False
             self._incoming -= 1
+            self._reserved -= mark.images
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ submit (event loop)
@@ -199,7 +211,9 @@ class MicroBatcher(Generic[T, R]):
                 self._release(incoming)
             return []
         # Only the event loop thread puts, so this check cannot race another put.
-        if self._queue.qsize() + len(payloads) > self.queue_size:
+        # Slots this request reserved in `incoming()` are already counted as its own.
+        own = incoming.images if incoming is not None and incoming.held else 0
+        if self._queue.qsize() + (self._reserved - own) + len(payloads) > self.queue_size:
             raise Overloaded(
                 f"queue full ({self.queue_size} images waiting); retry later",
                 retry_after_s=self.retry_after_s(),

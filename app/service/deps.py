@@ -5,13 +5,14 @@ dependency in the thread pool, a hop per dependency per request."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Header, Path, Request, Security
+from fastapi.security import APIKeyHeader
 
+from app.service.auth import KEY_HEADER, check_admin
 from app.service.catalog import ProductCatalog
-from app.service.errors import Forbidden, NotReady, Unauthorized
+from app.service.errors import NotReady
 from app.service.jobs import JobRunner
 from app.service.metrics import ServiceMetrics
 from app.service.predictor import Predictor
@@ -84,27 +85,19 @@ async def valid_product(
 ProductDep = Annotated[str, Depends(valid_product)]
 
 
+# Declares the scheme in the OpenAPI schema ("Authorize" in /docs); Bearer is accepted too.
+_api_key_scheme = APIKeyHeader(name=KEY_HEADER, auto_error=False,
+                               description="the admin key (PATCHCORE_ADMIN_API_KEY); "
+                                           "`Authorization: Bearer KEY` works as well")
+
+
 async def require_admin(
     request: Request,
-    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Security(_api_key_scheme)] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
-    """X-API-Key or Authorization: Bearer, compared in constant time."""
-    settings: Settings = request.app.state.settings
-    presented = x_api_key
-    if presented is None and authorization:
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            presented = token.strip()
-    expected = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
-    if expected is None:
-        if settings.admin_open:
-            return
-        raise Forbidden("the admin API is disabled: no PATCHCORE_ADMIN_API_KEY is configured")
-    if not presented:
-        raise Unauthorized("admin API key required (X-API-Key or Authorization: Bearer)")
-    if not hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8")):
-        raise Forbidden("wrong admin API key")
+    """The same check as AdminAuthMiddleware, for the schema and for hosts without it."""
+    check_admin(request.app.state.settings, x_api_key, authorization)
 
 
 AdminDep = Depends(require_admin)

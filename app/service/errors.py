@@ -5,12 +5,14 @@ Every error leaves the service as {"error": {"code": str, "message": str}}.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import storage
 from app.core import errors as core
@@ -92,6 +94,21 @@ class ClientGone(ServiceError):
     """The client disconnected before its images were computed."""
 
 
+class InsufficientStorage(ServiceError):
+    """The disk (or the store) is full; nothing half-written was left behind."""
+
+
+class RequestBodyTimeout(ServiceError):
+    """The client stopped sending its body (slow-body guard)."""
+
+
+class TooFewImages(ServiceError):
+    """A build needs more nominal images than were staged."""
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 # Exception class -> (HTTP status, stable error code). Looked up along the MRO,
 # so a subclass maps like its nearest listed parent.
 ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
@@ -112,6 +129,9 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     RequestTimedOut: (504, "timeout"),
     NotReady: (503, "not_ready"),
     ClientGone: (499, "client_closed_request"),
+    InsufficientStorage: (507, "insufficient_storage"),
+    RequestBodyTimeout: (408, "request_timeout"),
+    TooFewImages: (422, "not_enough_images"),
     storage.ProductNotFound: (404, "product_not_found"),
     storage.InvalidProductName: (422, "invalid_product_name"),
     storage.InvalidName: (422, "invalid_name"),
@@ -134,6 +154,8 @@ _HTTP_CODES = {
 
 
 def status_and_code(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return 507, "insufficient_storage"
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
@@ -159,6 +181,8 @@ def response_for(exc: Exception) -> JSONResponse:
     message = str(exc) or code.replace("_", " ")
     if status >= 500 and code == "internal_error":
         message = "internal server error"
+    elif code == "insufficient_storage" and isinstance(exc, OSError):
+        message = "the server's storage is full; nothing was written, try again later"
     return error_response(status, code, message, headers)
 
 
@@ -186,14 +210,40 @@ def install_error_handlers(app: FastAPI) -> None:
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
         return error_response(422, "validation_error", "; ".join(parts) or "invalid request")
 
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.error("unhandled error: %s", exc, exc_info=exc)
-        return error_response(500, "internal_error", "internal server error")
-
     app.add_exception_handler(ServiceError, domain_error)
     app.add_exception_handler(core.PatchCoreError, domain_error)
     app.add_exception_handler(storage.InvalidName, domain_error)
     app.add_exception_handler(storage.ProductNotFound, domain_error)
+    app.add_exception_handler(OSError, domain_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected_error)
+
+
+class UnhandledErrorMiddleware:
+    """The innermost middleware: an unexpected exception becomes a 500 answer here,
+    logged once, and is not raised on, so uvicorn keeps the connection (and every
+    other request) alive. Starlette's own fallback re-raises after answering."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            logger.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+            if started:  # nothing sane can be sent any more
+                raise
+            await error_response(500, "internal_error", "internal server error")(
+                scope, receive, send)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 
 from app.core.images import decode_image
 from app.core.patchcore import BatchItem, Prediction, predict_batch
@@ -38,18 +39,36 @@ class PreparedImage:
     product: LoadedProduct
     tensor: torch.Tensor  # (3, S, S) float32, normalised
     size: tuple[int, int]  # original (H, W)
+    map_size: tuple[int, int]  # (h, w) the heatmap, overlay and regions are computed at
     decode_s: float
-    image: np.ndarray | None  # (H, W, 3) uint8, kept only for overlays
+    image: np.ndarray | None  # (h, w, 3) uint8 photo at map_size, kept only for overlays
 
 
-def prepare(product: LoadedProduct, data: bytes, max_pixels: int,
-            keep_image: bool) -> PreparedImage:
-    """Decode + validate + resize. Blocking CPU work: call from a thread pool."""
+def bounded_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """`size` (H, W) scaled down, aspect kept, so that its longer side is at most `max_side`."""
+    height, width = size
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def prepare(product: LoadedProduct, data: bytes, max_pixels: int, keep_image: bool,
+            max_map_side: int = 1024) -> PreparedImage:
+    """Decode + validate + resize. Blocking CPU work: call from a thread pool.
+
+    Only what the response needs outlives this call: the network input, and for
+    an overlay the photo scaled to the bounded map size (never the full frame).
+    """
     started = time.perf_counter()
     image = decode_image(data, max_pixels=max_pixels)
+    size = (int(image.shape[0]), int(image.shape[1]))
+    map_size = bounded_size(size, max_map_side)
     tensor = product.embedder.preprocess([image])[0]
-    return PreparedImage(product, tensor, (int(image.shape[0]), int(image.shape[1])),
-                         time.perf_counter() - started, image if keep_image else None)
+    kept = None
+    if keep_image:
+        kept = image if map_size == size else np.asarray(
+            Image.fromarray(image).resize((map_size[1], map_size[0]), Image.Resampling.BILINEAR))
+    del image
+    return PreparedImage(product, tensor, size, map_size, time.perf_counter() - started, kept)
 
 
 def score_prepared(items: Sequence[PreparedImage]) -> list[Prediction | Exception]:
@@ -62,12 +81,12 @@ def render(prediction: Prediction, prepared: PreparedImage, options: PredictOpti
     out: dict[str, Any] = {"heatmap": None, "regions": None}
     if not options.renders:
         return out
-    height, width = prepared.size
-    normalised = np.asarray(prediction.normalised_map, dtype=np.float32)
+    height, width = prepared.map_size
+    normalised = np.asarray(prediction.normalised_map_at(prepared.map_size), dtype=np.float32)
     if options.heatmap == "png":
         out["heatmap"] = {"kind": "png", "width": width, "height": height,
                           "data": rendering.to_base64(rendering.heatmap_png(normalised,
-                                                                             prepared.size))}
+                                                                             prepared.map_size))}
     elif options.heatmap == "overlay":
         if prepared.image is None:
             raise RuntimeError("overlay needs the decoded image")
@@ -75,5 +94,5 @@ def render(prediction: Prediction, prepared: PreparedImage, options: PredictOpti
                           "data": rendering.to_base64(rendering.overlay_png(normalised,
                                                                              prepared.image))}
     if options.regions:
-        out["regions"] = rendering.find_regions(normalised, prepared.size)
+        out["regions"] = rendering.find_regions(normalised, to_size=prepared.size)
     return out

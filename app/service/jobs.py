@@ -4,12 +4,19 @@ A job reads the product's staging set, calls the engine's `build_bank` (which
 polls `should_stop` so a cancel takes effect between steps), and publishes the
 bank through the `ProductCatalog` (a new immutable version in the store; when
 asked, activated and swapped in while requests keep flowing).
+
+Job records are written (atomically, as JSON) to `records_dir` at every change
+of state or phase, so a restarted server still answers for its jobs: a job that
+was queued or running when the process stopped reads `interrupted`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import tempfile
 import threading
 import time
 import uuid
@@ -26,11 +33,20 @@ from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import BuildCancelled
 from app.core.patchcore import PatchCoreConfig, build_bank
 from app.service.catalog import ProductCatalog
-from app.service.errors import JobConflict, JobNotFound, status_and_code
+from app.service.errors import JobConflict, JobNotFound, TooFewImages, status_and_code
 
 logger = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
+# Each phase's share of the progress bar (start %, span %): the coreset is as long as
+# feature extraction on large sets, so it gets its own stretch instead of sitting at 95 %.
+PHASES: dict[str, tuple[float, float]] = {
+    "queued": (0.0, 0.0), "loading": (0.0, 2.0), "features": (2.0, 48.0),
+    "coreset": (50.0, 40.0), "calibration": (90.0, 5.0), "saving": (95.0, 4.0),
+    "done": (100.0, 0.0),
+}
+_RECORD_SUFFIX = ".json"
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,9 @@ class BuildParams:
         if self.seed is not None:
             changes["seed"] = self.seed
         return dataclasses.replace(defaults, **changes)
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -85,9 +104,7 @@ class Job:
             "state": self.state,
             "phase": self.phase,
             "progress": round(self.progress, 1),
-            "params": {"coreset_ratio": self.params.coreset_ratio,
-                       "backbone": self.params.backbone, "seed": self.params.seed,
-                       "activate": self.params.activate},
+            "params": self.params.describe(),
             "source": self.source,
             "image_count": self.image_count,
             "version": self.version,
@@ -103,6 +120,20 @@ class Job:
             "cancel_requested": self.cancel_event.is_set(),
         }
 
+    @classmethod
+    def from_record(cls, record: dict) -> Job:
+        params = BuildParams(**{k: v for k, v in (record.get("params") or {}).items()
+                                if k in {f.name for f in dataclasses.fields(BuildParams)}})
+        timings = record.get("timings_s") or {}
+        return cls(id=str(record["id"]), product=str(record["product"]), params=params,
+                   source=str(record.get("source", "staging")), state=str(record["state"]),
+                   phase=str(record.get("phase", record["state"])),
+                   progress=float(record.get("progress", 0.0)),
+                   created_at=float(record.get("created_at") or 0.0),
+                   started_at=record.get("started_at"), finished_at=record.get("finished_at"),
+                   phase_times=dict(timings.get("phases") or {}), error=record.get("error"),
+                   version=record.get("version"), image_count=record.get("image_count"))
+
 
 ImageSource = Callable[[], Sequence[Path | np.ndarray]]
 
@@ -111,29 +142,38 @@ class JobRunner:
     """Runs builds one at a time in a dedicated thread; keeps recent finished jobs."""
 
     def __init__(self, catalog: ProductCatalog, embedder_for: Callable[[EmbedderConfig], PatchEmbedder],
-                 *, max_finished: int = 100,
+                 *, max_finished: int = 100, min_images: int = 1,
+                 records_dir: Path | None = None,
                  on_change: Callable[[dict[str, int]], None] | None = None,
                  on_finished: Callable[[Job], None] | None = None):
         self.catalog = catalog
         self.embedder_for = embedder_for
         self.max_finished = max_finished
+        self.min_images = min_images
+        self.records_dir = records_dir
         self._on_change = on_change
         self._on_finished = on_finished
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="build-worker")
+        self._restore()
 
     # ---------------------------------------------------------------- API
     def submit(self, product: str, params: BuildParams, images: ImageSource,
-               source: str = "staging") -> Job:
+               source: str = "staging", image_count: int | None = None) -> Job:
+        """Queue a build. `image_count`, when known, is checked against the minimum now."""
         config = params.config()  # invalid parameters fail now, not in the worker
+        if image_count is not None and image_count < self.min_images:
+            raise TooFewImages(f"a build needs at least {self.min_images} nominal images; "
+                               f"{image_count} are staged for {product!r}")
         with self._lock:
             for job in self._jobs.values():
                 if job.product == product and job.active:
                     raise JobConflict(f"a build for {product!r} is already {job.state}: {job.id}")
-            job = Job(uuid.uuid4().hex, product, params, source=source)
+            job = Job(uuid.uuid4().hex, product, params, source=source, image_count=image_count)
             self._jobs[job.id] = job
             self._trim()
+        self._save(job)
         self._changed()
         self._executor.submit(self._run, job, config, images)
         return job
@@ -141,7 +181,7 @@ class JobRunner:
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None:
-            raise JobNotFound(f"no job {job_id!r}")
+            raise JobNotFound(f"no job {job_id[:64]!r}")
         return job
 
     def list(self) -> list[Job]:
@@ -156,6 +196,7 @@ class JobRunner:
         with self._lock:
             if job.state == "queued":
                 self._finish(job, "cancelled")
+        self._save(job)
         self._changed()
         return job
 
@@ -179,6 +220,7 @@ class JobRunner:
             with self._lock:
                 if job.state == "queued":
                     self._finish(job, "cancelled")
+            self._save(job)
             self._changed()
 
     def close(self) -> None:
@@ -194,6 +236,7 @@ class JobRunner:
                 return
             job.state = "running"
             job.started_at = time.time()
+        self._save(job)
         self._changed()
         phase_started = time.perf_counter()
 
@@ -205,19 +248,23 @@ class JobRunner:
                     now - phase_started)
                 phase_started = now
                 job.phase = phase
-            # The build itself is 0-95 %; saving and swapping in is the rest.
-            job.progress = max(job.progress, min(95.0, 95.0 * float(fraction)))
+                self._save(job)
+            start, span = PHASES.get(phase, (job.progress, 0.0))
+            job.progress = max(job.progress, min(100.0, start + span * float(fraction)))
 
         try:
             progress("loading", 0.0)
             paths = list(images())
             job.image_count = len(paths)
+            if len(paths) < self.min_images:
+                raise TooFewImages(f"a build needs at least {self.min_images} nominal images, "
+                                   f"got {len(paths)}")
             embedder = self.embedder_for(config.embedder)
             bank = build_bank(paths, config, embedder, progress=progress,
                               should_stop=job.cancel_event.is_set)
             if job.cancel_event.is_set():
                 raise BuildCancelled("cancelled")
-            progress("saving", 0.95)
+            progress("saving", 0.0)
             job.version = self.catalog.publish(job.product, bank, activate=job.params.activate,
                                                cancelled=job.cancel_event.is_set)
             progress("done", 1.0)
@@ -227,8 +274,12 @@ class JobRunner:
             state = "cancelled"
         except Exception as exc:
             status, code = status_and_code(exc)
-            job.error = {"code": code if status != 500 or code != "internal_error" else
-                         "build_failed", "message": str(exc) or type(exc).__name__}
+            message = str(exc) or type(exc).__name__
+            if status == 500 and code == "internal_error":
+                code, message = "build_failed", f"the build failed ({type(exc).__name__})"
+            elif code == "insufficient_storage":
+                message = "the bank store is full; nothing was written"
+            job.error = {"code": code, "message": message}
             logger.exception("build %s for %s failed", job.id, job.product,
                              extra={"job_id": job.id, "product": job.product})
             state = "failed"
@@ -236,6 +287,7 @@ class JobRunner:
             time.perf_counter() - phase_started)
         with self._lock:
             self._finish(job, state)
+        self._save(job)
         logger.info("build %s for %s %s", job.id, job.product, state,
                     extra={"job_id": job.id, "product": job.product, "version": job.version,
                            "state": state})
@@ -246,14 +298,56 @@ class JobRunner:
     def _finish(self, job: Job, state: str) -> None:
         job.state = state
         job.finished_at = time.time()
-        if state == "cancelled":
-            job.phase = "cancelled"
+        if state in ("cancelled", "interrupted"):
+            job.phase = state
 
     def _trim(self) -> None:
         finished = [j.id for j in self._jobs.values() if not j.active]
         for job_id in finished[: max(0, len(finished) - self.max_finished)]:
             del self._jobs[job_id]
+            if self.records_dir is not None:
+                (self.records_dir / f"{job_id}{_RECORD_SUFFIX}").unlink(missing_ok=True)
 
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change(self.counts())
+
+    # ---------------------------------------------------------------- records
+    def _save(self, job: Job) -> None:
+        """Write the job's record atomically; a full disk only costs the record, not the build."""
+        if self.records_dir is None:
+            return
+        try:
+            self.records_dir.mkdir(parents=True, exist_ok=True)
+            fd, temp = tempfile.mkstemp(prefix=".job-", suffix=".tmp", dir=self.records_dir)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    json.dump(job.describe(), handle)
+                os.replace(temp, self.records_dir / f"{job.id}{_RECORD_SUFFIX}")
+            finally:
+                Path(temp).unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("could not write the record of job %s: %s", job.id, exc.strerror)
+
+    def _restore(self) -> None:
+        """Load the records of earlier runs; jobs they left active are now `interrupted`."""
+        if self.records_dir is None or not self.records_dir.is_dir():
+            return
+        for stale in self.records_dir.glob(".job-*.tmp"):
+            stale.unlink(missing_ok=True)
+        restored: list[Job] = []
+        for path in self.records_dir.glob(f"*{_RECORD_SUFFIX}"):
+            try:
+                job = Job.from_record(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("ignoring unreadable job record %s: %s", path.name, exc)
+                continue
+            if job.active:
+                job.error = {"code": "interrupted",
+                             "message": "the server stopped while this build was " + job.state}
+                self._finish(job, "interrupted")
+                self._save(job)
+            restored.append(job)
+        for job in sorted(restored, key=lambda j: j.created_at):
+            self._jobs[job.id] = job
+        self._trim()

@@ -1,10 +1,13 @@
-"""Request body size limit, enforced before anything is buffered (413 early)."""
+"""Request body limits, enforced before anything is buffered: size (413 early) and
+a read deadline per chunk (408), so a slow client cannot hold a worker for ever."""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.service.errors import PayloadTooLarge, error_response
+from app.service.errors import PayloadTooLarge, RequestBodyTimeout, error_response
 
 
 class _TooLarge(PayloadTooLarge):
@@ -15,9 +18,10 @@ class BodySizeLimitMiddleware:
     """Refuses bodies over `max_bytes`: at once from Content-Length, or while
     streaming a chunked body, before the route has buffered more than the limit."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,10 +38,22 @@ class BodySizeLimitMiddleware:
                     return
         received = 0
         started = False
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done or self.read_timeout_s is None:
+                # After the body only a disconnect can come: wait for it as long as it takes.
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.read_timeout_s)
+                except TimeoutError:
+                    raise RequestBodyTimeout(
+                        f"no part of the request body arrived for {self.read_timeout_s:g} s"
+                    ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:

@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from app.core.embedding import EmbedderConfig, PatchEmbedder, create_embedder
-from app.core.errors import PatchCoreError
+from app.core.errors import ImageTooLarge, PatchCoreError
+from app.core.images import probe_image
 from app.core.patchcore import Prediction
 from app.service.batching import MicroBatcher, Timed
 from app.service.errors import ClientGone, Overloaded
@@ -92,29 +93,33 @@ class Predictor:
         loaded = self.registry.get(product)
         loop = asyncio.get_running_loop()
         keep = options.heatmap == "overlay"
-        max_pixels = self.settings.max_image_pixels
+        settings = self.settings
+        self._check_pixel_budget(uploads)
 
         def prepare_one(index: int, upload: UploadedFile) -> PreparedImage:
             try:
-                return prepare(loaded, upload.data, max_pixels, keep)
+                return prepare(loaded, upload.data, settings.max_image_pixels, keep,
+                               settings.max_heatmap_side)
             except PatchCoreError as exc:
-                raise type(exc)(f"image {index} ({upload.filename}): {exc}") from exc
+                raise type(exc)(f"image {index} ({_shown(upload.filename)}): {exc}") from exc
 
-        # Marked as on its way while it is prepared, so the worker keeps an open batch
-        # waiting for it; submit_many releases the mark as it queues the images.
-        with self.batcher.incoming() as mark:
-            prepared = await asyncio.gather(
-                *(loop.run_in_executor(self.cpu_pool, prepare_one, i, u)
-                  for i, u in enumerate(uploads)))
-            try:
-                scored = await self.batcher.submit_many(
-                    prepared, self.settings.request_timeout_s, is_disconnected, incoming=mark)
-            except Overloaded:
-                self.metrics.rejected.inc()
-                raise
-            except ClientGone:
-                self.metrics.dropped_images("client_gone", len(prepared))
-                raise
+        # Queue slots are reserved before anything is decoded (a full queue answers 429
+        # at once), and the request is marked as on its way while it is prepared, so the
+        # worker keeps an open batch waiting for it; submit_many releases both.
+        try:
+            with self.batcher.incoming(len(uploads)) as mark:
+                prepared = await asyncio.gather(
+                    *(loop.run_in_executor(self.cpu_pool, prepare_one, i, u)
+                      for i, u in enumerate(uploads)))
+                try:
+                    scored = await self.batcher.submit_many(
+                        prepared, settings.request_timeout_s, is_disconnected, incoming=mark)
+                except ClientGone:
+                    self.metrics.dropped_images("client_gone", len(prepared))
+                    raise
+        except Overloaded:
+            self.metrics.rejected.inc()
+            raise
 
         def finish(index: int) -> dict:
             return _result(index, uploads[index], prepared[index], scored[index], loaded.version,
@@ -134,6 +139,25 @@ class Predictor:
         return {"product": loaded.name, "results": results}
 
     # ---------------------------------------------------------------- internals
+    def _check_pixel_budget(self, uploads: Sequence[UploadedFile]) -> None:
+        """Formats and pixel counts from the headers, before any pixel is decoded: with the
+        per-image limit this bounds what one request can make the process allocate."""
+        total = 0
+        for index, upload in enumerate(uploads):
+            try:
+                _, width, height = probe_image(upload.data)
+            except PatchCoreError as exc:
+                raise type(exc)(f"image {index} ({_shown(upload.filename)}): {exc}") from exc
+            if width * height > self.settings.max_image_pixels:
+                raise ImageTooLarge(
+                    f"image {index} ({_shown(upload.filename)}) is {width}x{height} = "
+                    f"{width * height} pixels, more than the limit of "
+                    f"{self.settings.max_image_pixels}")
+            total += width * height
+        if total > self.settings.max_request_pixels:
+            raise ImageTooLarge(f"the request's images hold {total} pixels in all, more than the "
+                                f"limit of {self.settings.max_request_pixels} per request")
+
     def _create_embedder(self, config: EmbedderConfig) -> PatchEmbedder:
         logger.info("loading backbone %s on %s", config.backbone, self.settings.device)
         # PATCHCORE_WEIGHTS_PATH is for the default backbone only.
@@ -145,6 +169,11 @@ class Predictor:
         self.metrics.set_banks(
             {name: (p.version, int(p.info["bank_size"])) for name, p in
              self.registry.loaded().items()}, len(self.registry.failed()))
+
+
+def _shown(filename: str | None) -> str:
+    """A client's file name for an error message: its own words, bounded."""
+    return repr((filename or "unnamed")[:100])
 
 
 def _result(index: int, upload: UploadedFile, item: PreparedImage, timed: Timed[Prediction],

@@ -1,6 +1,7 @@
 """Heatmaps and anomalous regions from a normalised anomaly map (pure numpy / PIL).
 
-normalised_map is (H, W) float32 at the original image size, 0.5 = threshold.
+normalised_map is (h, w) float32 laid over the photo (at its size, or scaled to a
+bounded size with the same aspect), 0.5 = threshold.
 """
 
 from __future__ import annotations
@@ -80,12 +81,18 @@ def _png(rgb: np.ndarray) -> bytes:
 
 
 def find_regions(normalised_map: np.ndarray, size: tuple[int, int] | None = None,
-                 threshold: float = REGION_THRESHOLD, max_regions: int = 100) -> list[dict]:
+                 threshold: float = REGION_THRESHOLD, max_regions: int = 100,
+                 to_size: tuple[int, int] | None = None) -> list[dict]:
     """8-connected regions where the map exceeds `threshold`, largest first.
 
     Each: {"bbox": {"x", "y", "width", "height"}, "area": pixels, "max_score"}.
+    `size` resizes the map before labelling; `to_size` (H, W) instead labels the map
+    as it is and scales boxes and areas to a photo of that size (the map lies over it).
     """
     scores = normalised_map if size is None else _fit(normalised_map, *size)
+    sy = sx = 1.0
+    if to_size is not None:
+        sy, sx = to_size[0] / scores.shape[0], to_size[1] / scores.shape[1]
     mask = scores > threshold
     if not mask.any():
         return []
@@ -98,10 +105,11 @@ def find_regions(normalised_map: np.ndarray, size: tuple[int, int] | None = None
         if box is None:
             continue
         rows, cols = box
+        x0, y0 = int(cols.start * sx), int(rows.start * sy)
+        x1, y1 = int(np.ceil(cols.stop * sx)), int(np.ceil(rows.stop * sy))
         regions.append({
-            "bbox": {"x": int(cols.start), "y": int(rows.start),
-                     "width": int(cols.stop - cols.start), "height": int(rows.stop - rows.start)},
-            "area": int(areas[label - 1]),
+            "bbox": {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0},
+            "area": int(round(areas[label - 1] * sx * sy)),
             "max_score": float(peaks[label - 1]),
         })
     regions.sort(key=lambda r: int(r["area"]), reverse=True)

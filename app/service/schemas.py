@@ -17,6 +17,8 @@ class ErrorResponse(BaseModel):
 
 
 class BBox(BaseModel):
+    """In the photo's own pixels, whatever the heatmap's size."""
+
     x: int
     y: int
     width: int
@@ -32,9 +34,11 @@ class Region(BaseModel):
 class Heatmap(BaseModel):
     kind: Literal["png", "overlay"]
     media_type: Literal["image/png"] = "image/png"
-    width: int
+    width: int = Field(description="the heatmap's own width: the photo's, scaled (aspect kept) so "
+                                   "that the longer side is at most PATCHCORE_MAX_HEATMAP_SIDE")
     height: int
-    data: str = Field(description="base64-encoded PNG at the original image size")
+    data: str = Field(description="base64-encoded PNG; stretched to the photo's width x height it "
+                                  "lies exactly over it")
 
 
 class ImageTimings(BaseModel):
@@ -124,7 +128,7 @@ class ActivateRequest(BaseModel):
 class JobInfo(BaseModel):
     id: str
     product: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
     phase: str
     progress: float = Field(description="percent, 0-100")
     params: dict

@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(default=32.0, gt=0.0)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     max_images_per_request: int = Field(default=16, ge=1)
+    # Decoded pixels of all images of one predict request together (checked from the
+    # headers before anything is decoded): with max_image_pixels it bounds a request's memory.
+    max_request_pixels: int = Field(default=100_000_000, ge=1)
+    # Heatmaps, overlays and region boxes are computed on the photo scaled to fit this
+    # side (aspect kept); boxes are given in the photo's own pixels.
+    max_heatmap_side: int = Field(default=1024, ge=64, le=8192)
+    # A client must deliver each chunk of its body within this time (slow-body guard).
+    body_read_timeout_s: float = Field(default=30.0, gt=0.0)
     max_staging_images: int = Field(default=5_000, ge=1)
     # Zip uploads: total uncompressed bytes and per-member compression ratio.
     max_zip_uncompressed_mb: float = Field(default=512.0, gt=0.0)
@@ -60,6 +68,9 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ jobs and logs
     max_finished_jobs: int = Field(default=100, ge=1)
+    # Fewer nominal images than this make a bank that cannot be calibrated honestly
+    # (at least 5 are held out to set the threshold).
+    min_build_images: int = Field(default=10, ge=2)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 
@@ -84,6 +95,10 @@ class Settings(BaseSettings):
     def staging_dir(self) -> Path:
         # A dot folder: never a valid product name, so the bank store ignores it.
         return self.models_dir / ".staging"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.models_dir / ".jobs"
 
     @property
     def admin_open(self) -> bool:

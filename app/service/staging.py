@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from app.core.errors import ImageTooLarge, InvalidImage
-from app.core.images import IMAGE_SUFFIXES, decode_image
+from app.core.images import IMAGE_SUFFIXES, SUFFIX_OF_FORMAT, decode_image, probe_image
 from app.service.errors import InvalidUpload, NoNominalImages, PayloadTooLarge, TooManyImages
 
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/x-zip")
@@ -47,12 +47,9 @@ class StagedImage:
 
 
 def _image_suffix(data: bytes) -> str:
-    """Suffix from the decoded format, not from the client's filename."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        fmt = (image.format or "").lower()
-    return {"jpeg": ".jpg", "tiff": ".tif", "mpo": ".jpg"}.get(fmt, f".{fmt}" if fmt else ".img")
+    """Suffix from the decoded format (one of the accepted ones), not from the client's filename."""
+    fmt, _, _ = probe_image(data)
+    return SUFFIX_OF_FORMAT[fmt]
 
 
 class StagingArea:
@@ -64,6 +61,16 @@ class StagingArea:
         self.max_zip_uncompressed_bytes = max_zip_uncompressed_bytes
         self.max_zip_ratio = max_zip_ratio
         self._lock = threading.Lock()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove partial files a crash left behind (a kill mid-upload)."""
+        if not self.root.is_dir():
+            return
+        for folder in self.root.iterdir():
+            if folder.is_dir() and not folder.is_symlink():
+                for stale in folder.glob(".*.tmp"):
+                    stale.unlink(missing_ok=True)
 
     def folder(self, product: str) -> Path:
         return self.root / product
@@ -106,14 +113,23 @@ class StagingArea:
                     f"staging set would hold {len(existing) + len(new)} images, "
                     f"more than the limit of {self.max_images}")
             folder = self.folder(product)
-            folder.mkdir(parents=True, exist_ok=True)
-            added = []
-            for name, data in new.items():
-                target = folder / name
-                temp = folder / f".{name}.{os.getpid()}.tmp"
-                temp.write_bytes(data)
-                os.replace(temp, target)
-                added.append(StagedImage(name, len(data), target))
+            added: builtins.list[StagedImage] = []
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                for name, data in new.items():
+                    target = folder / name
+                    temp = folder / f".{name}.{os.getpid()}.tmp"
+                    try:
+                        temp.write_bytes(data)
+                        os.replace(temp, target)
+                    finally:
+                        temp.unlink(missing_ok=True)
+                    added.append(StagedImage(name, len(data), target))
+            except OSError:
+                # All or nothing: a full disk leaves neither partial files nor half an upload.
+                for image in added:
+                    image.path.unlink(missing_ok=True)
+                raise
         return added
 
     def clear(self, product: str) -> int:

@@ -57,7 +57,8 @@ def test_settings(models_dir: Path, **overrides) -> Settings:
     values = {"models_dir": models_dir, "admin_api_key": ADMIN_KEY, "device": "cpu",
               "demo": False, "max_batch_size": 8, "max_wait_ms": 25, "queue_size": 64,
               "max_upload_mb": 4, "max_image_pixels": 2_000_000, "max_images_per_request": 8,
-              "decode_threads": 2, "request_timeout_s": 120}
+              "decode_threads": 2, "request_timeout_s": 120,
+              "min_build_images": 4}
     values.update(overrides)
     return Settings(**values)
 
@@ -128,7 +129,7 @@ def wait_job(http: httpx.Client, job_id: str, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = http.get(f"/v1/admin/jobs/{job_id}", headers=ADMIN).json()
-        if job["state"] in ("succeeded", "failed", "cancelled"):
+        if job["state"] in ("succeeded", "failed", "cancelled", "interrupted"):
             return job
         time.sleep(0.1)
     raise TimeoutError(job_id)
