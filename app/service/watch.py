@@ -52,9 +52,9 @@ class PointerWatcher:
         for name, loaded in list(self.registry.loaded().items()):
             try:
                 active = self.registry.store.active_version(name)
-            except Exception as exc:  # a store outage: keep serving what is loaded
+            except Exception as exc:  # an outage, or no pointer any more: see below
                 logger.debug("pointer of %s unreadable: %s", name, exc)
-                continue
+                active = None
             if active is None:
                 if not self._exists(name):  # deleted through another process
                     self.registry.remove(name)
@@ -72,6 +72,7 @@ class PointerWatcher:
         return swapped
 
     def _exists(self, name: str) -> bool:
+        """False only when the store answers that the product has no version left."""
         try:
             return bool(self.registry.store.versions(name))
         except Exception:
