@@ -53,12 +53,16 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def stand_store(stand):  # the stand's bank store, opened from this process
+def stand_store(stand, cache_dir: Path | None = None):
+    """The stand's bank store, opened from this process (call it inside the stand's network);
+    `cache_dir`: this process's own S3 read-through cache (never the replicas')."""
     from app.service.resources import create_store
     from app.service.settings import Settings
 
     saved = dict(os.environ)
     os.environ.update(stand.store_settings())
+    if cache_dir is not None:
+        os.environ["PATCHCORE_S3_CACHE_DIR"] = str(cache_dir)
     try:
         return create_store(Settings(demo=False))
     finally:
@@ -68,8 +72,8 @@ def stand_store(stand):  # the stand's bank store, opened from this process
 
 def redeploy(stand, replicas: int) -> None:
     """Change the replica count of the running app (serve.run updates it in place)."""
-    subprocess.run([sys.executable, "-m", "app", "serve", "--engine", "ray", "--address",
-                    f"127.0.0.1:{stand.state['GCS_PORT']}", "--host", "127.0.0.1", "--port",
+    subprocess.run(["bash", str(CLUSTER_SH), "exec", sys.executable, "-m", "app", "serve", "--engine", "ray",
+                    "--address", f"127.0.0.1:{stand.state['GCS_PORT']}", "--host", "127.0.0.1", "--port",
                     stand.state["HTTP_PORT"], "--replicas", str(replicas), "--num-cpus", "0.5", "--detach"],
                    cwd=REPO, env=stand.env(), check=True, capture_output=True, timeout=600)
     deadline = time.monotonic() + 300
@@ -152,14 +156,16 @@ def main() -> None:
         out["stand_up_s"] = time.monotonic() - started
         print(f"stand up in {out['stand_up_s']:.0f} s ({stand.state['STORE']} store)", flush=True)
         out["store"] = stand.state["STORE"]
-        store = stand_store(stand)
-        v1 = store.save(PRODUCT, bank, activate=True)
-        v2 = store.save(PRODUCT, bank2, activate=False)
+        with stand.inside():
+            store = stand_store(stand)
+            v1 = store.save(PRODUCT, bank, activate=True)
+            v2 = store.save(PRODUCT, bank2, activate=False)
         for replicas in (1, 2):
             if replicas == 2:
                 redeploy(stand, 2)
-            rows += levels(stand.url, images, args.concurrency, args.requests, args.max_seconds_per_level,
-                           f"ray, {replicas} replica{'s' if replicas > 1 else ''}")
+            with stand.inside():
+                rows += levels(stand.url, images, args.concurrency, args.requests, args.max_seconds_per_level,
+                               f"ray, {replicas} replica{'s' if replicas > 1 else ''}")
         out["throughput"] = rows
 
         # 2. swap propagation (2 replicas)
@@ -169,12 +175,12 @@ def main() -> None:
             switched: dict[str, float] = {}
 
             def activate(version: str = target, mark: dict = switched) -> None:
-                with PatchCoreClient(stand.url, api_key=stand.api_key) as client:
+                with stand.inside(), PatchCoreClient(stand.url, api_key=stand.api_key) as client:
                     mark["at"] = time.monotonic()
                     client.activate(PRODUCT, version)
 
             results = predict_load(stand.url, PRODUCT, images[0], seconds=8.0, clients=4, during=activate,
-                                   during_at_s=3.0)
+                                   during_at_s=3.0, netns=stand.netns)
             per = propagation(results, target, switched["at"])
             failed = sum(not r.ok for r in results)
             figures.append({"per_replica_s": per, "requests": len(results), "failed": failed})
@@ -187,30 +193,28 @@ def main() -> None:
         from app.service.registry import ProductRegistry
 
         cold, warm = [], []
-        for _ in range(3):
-            fresh = stand_store(stand)  # a new store object: for S3 an empty in-memory state
-            cache = getattr(fresh, "cache_dir", None)
-            if cache is not None:
-                import shutil
-
-                shutil.rmtree(cache, ignore_errors=True)
-            registry = ProductRegistry(fresh, lambda c: create_embedder(c, device="cpu"))
-            registry.embedder(config.embedder)
-            t0 = time.perf_counter()
-            registry.load(PRODUCT)
-            cold.append(time.perf_counter() - t0)
-            registry.remove(PRODUCT)
-            t0 = time.perf_counter()
-            registry.load(PRODUCT)
-            warm.append(time.perf_counter() - t0)
+        with stand.inside():  # the store may be the stand's S3 server
+            for _ in range(3):
+                # A new store with an empty cache: for S3 the first load downloads, the second reads the cache.
+                fresh = stand_store(stand, Path(tempfile.mkdtemp(prefix="bench-cache-")))
+                registry = ProductRegistry(fresh, lambda c: create_embedder(c, device="cpu"))
+                registry.embedder(config.embedder)
+                t0 = time.perf_counter()
+                registry.load(PRODUCT)
+                cold.append(time.perf_counter() - t0)
+                registry.remove(PRODUCT)
+                t0 = time.perf_counter()
+                registry.load(PRODUCT)
+                warm.append(time.perf_counter() - t0)
         out["bank_load_s"] = {"cold_median": statistics.median(cold), "again_median": statistics.median(warm)}
         print(f"bank load in-process: first {statistics.median(cold) * 1000:.0f} ms, again "
               f"{statistics.median(warm) * 1000:.0f} ms (median of 3)", flush=True)
         firsts, nexts = [], []
         for k in range(args.extra_banks):
             name = f"extra{k}"
-            store.save(name, bank, activate=True)
-            with PatchCoreClient(stand.url) as client:
+            with stand.inside():
+                store.save(name, bank, activate=True)
+            with stand.inside(), PatchCoreClient(stand.url) as client:
                 t0 = time.perf_counter()
                 client.predict(name, images[0], heatmap="none")
                 firsts.append(time.perf_counter() - t0)
@@ -222,7 +226,7 @@ def main() -> None:
         print(f"through the cluster: first request of a product {statistics.median(firsts) * 1000:.0f} ms, "
               f"next {statistics.median(nexts) * 1000:.0f} ms (medians)", flush=True)
         # Touch every product on every replica so both hold all banks, then read RSS.
-        with PatchCoreClient(stand.url) as client:
+        with stand.inside(), PatchCoreClient(stand.url) as client:
             for _ in range(6):
                 for name in [PRODUCT, *(f"extra{k}" for k in range(args.extra_banks))]:
                     client.predict(name, images[0], heatmap="none")

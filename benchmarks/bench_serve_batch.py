@@ -16,8 +16,11 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,6 +108,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Token authentication with a token of this run (Ray would otherwise write one to ~/.ray).
+    token = Path(tempfile.mkdtemp(prefix="raytoken-")) / "token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     import ray
     from ray import serve
 
@@ -117,6 +125,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(token.parent, ignore_errors=True)
     for row in rows:
         print(f"{row['batcher']:13} c={row['concurrency']:2} #{row['repeat']}: {row['images_per_s']:.2f} img/s "
               f"p50 {row['p50_ms']:.0f} ms p95 {row['p95_ms']:.0f} ms")

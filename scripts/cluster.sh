@@ -3,8 +3,11 @@
 #
 #   scripts/cluster.sh up [--netns]   ray head (2 CPUs, no dashboard, no usage stats) + S3 server
 #                                     (SeaweedFS `weed mini`, telemetry off) + the patchcore app,
-#                                     every port on 127.0.0.1; --netns: in a private network
-#                                     namespace (root), reach it with `scripts/cluster.sh exec`
+#                                     addressed on 127.0.0.1; --netns: in a private network
+#                                     namespace (root), reach it with `scripts/cluster.sh exec`.
+#                                     Use --netns where you can: Ray's gRPC servers listen on all
+#                                     interfaces whatever the node address; in the namespace the
+#                                     only interface is its own loopback.
 #   scripts/cluster.sh status         what runs, and /health/ready
 #   scripts/cluster.sh exec CMD...    run CMD where the stand's loopback is (inside its namespace)
 #   scripts/cluster.sh down           stop every process of the stand, by pid; nothing is left
@@ -23,7 +26,8 @@ STATE=$DIR/stand.env
 BIN=$(dirname "$PY")
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
-# Exit codes the tests read: 3 = Ray could not start, 4 = the S3 server could not start.
+# Exit codes the tests read: 3 = Ray could not start, 4 = the S3 server could not start,
+# 5 = no private network namespace here (then the tests use loopback).
 die_code() { local code=$1; shift; echo "cluster.sh: $*" >&2; exit "$code"; }
 run_in() { if [ -n "${NETNS:-}" ]; then ip netns exec "$NETNS" "$@"; else "$@"; fi; }
 
@@ -68,7 +72,7 @@ cmd_up() {
   NETNS=""
   if [ "$netns" = 1 ]; then
     NETNS="pcstand-$id"
-    ip netns add "$NETNS" || die "cannot create a network namespace (root and ip netns needed)"
+    ip netns add "$NETNS" 2>/dev/null || { rm -f "$STATE"; die_code 5 "cannot create a network namespace (root and ip netns needed)"; }
     ip netns exec "$NETNS" ip link set lo up
   fi
   # shellcheck disable=SC2207
@@ -91,6 +95,11 @@ STORE=$store
 URL=http://127.0.0.1:$http
 EOF
   export PATCHCORE_STAND_ID=$id RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  # Ray's token authentication, with the stand's own token (not ~/.ray's): every process and
+  # client of the stand reads it from this file.
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DIR/ray_auth_token"
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/ray_auth_token
+  echo "RAY_AUTH_TOKEN_PATH=$DIR/ray_auth_token" >> "$STATE"
   export PATCHCORE_MODELS_DIR=${PATCHCORE_MODELS_DIR:-$DIR/models}
   mkdir -p "$PATCHCORE_MODELS_DIR"
   echo "MODELS_DIR=$PATCHCORE_MODELS_DIR" >> "$STATE"
@@ -166,6 +175,7 @@ load_state() {
 
 cmd_status() {
   load_state
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH
   echo "stand $STAND_ID: $URL, store $STORE${NETNS:+, namespace $NETNS}"
   echo "processes: $(stand_pids "$STAND_ID" | sort -u | wc -l)"
   run_in "$BIN/ray" status --address "127.0.0.1:$GCS_PORT" 2>/dev/null | sed -n '/Resources/,$p' || true
@@ -175,7 +185,7 @@ cmd_status() {
 
 cmd_exec() {
   load_state
-  export PATCHCORE_STAND_URL=$URL
+  export PATCHCORE_STAND_URL=$URL RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH RAY_ADDRESS=127.0.0.1:$GCS_PORT
   if [ -n "$NETNS" ]; then exec ip netns exec "$NETNS" "$@"; else exec "$@"; fi
 }
 
@@ -195,7 +205,7 @@ cmd_down() {
   pids=$(stand_pids "$STAND_ID" | sort -u)
   [ -n "$NETNS" ] && ip netns del "$NETNS" 2>/dev/null || true
   rm -f "$STATE"
-  rm -rf "$DIR/ray" "$DIR/weed" "$DIR"/*.sock
+  rm -rf "$DIR/ray" "$DIR/weed" "$DIR"/*.sock "$DIR/ray_auth_token"
   for port in ${WEED_PORTS:-}; do rm -f /tmp/seaweedfs-*-"$port".sock; done  # weed names them by port
   if [ -n "$pids" ]; then die "processes left behind: $pids"; fi
   echo "stand down: no process left"

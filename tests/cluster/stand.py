@@ -1,8 +1,16 @@
 """The local Ray Serve stand (scripts/cluster.sh) for the tests and benchmarks/bench_cluster.py:
-bring it up and down, find its replica processes, and drive load against it."""
+bring it up and down, find its replica processes, and drive load against it.
+
+Where the machine allows it (root, `ip netns`), the stand runs in a private network
+namespace: Ray's gRPC servers listen on every interface, and there the only one is the
+namespace's loopback. Clients reach it from a thread that entered the namespace
+(`stand.inside()`: setns(2) on the calling thread only; its sockets stay in the namespace).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import secrets
 import shutil
@@ -11,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +31,28 @@ REPLICA_TITLE = b"ray::ServeReplica:patchcore:PatchCoreReplica"
 REPLICA_HEADER = "x-patchcore-replica"
 UP_TIMEOUT_S = 420
 DOWN_TIMEOUT_S = 120
+
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def inside(netns: str | None) -> Iterator[None]:
+    """Run the block's network calls in the stand's namespace (this thread only)."""
+    if not netns:
+        yield
+        return
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns into the stand's network namespace failed")
+        yield
+    finally:
+        _libc.setns(own, CLONE_NEWNET)
+        os.close(own)
+        os.close(target)
 
 
 class StandUnavailable(Exception):
@@ -40,13 +70,32 @@ class Stand:
         return self.state["URL"]
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHON": sys.executable, "PATCHCORE_STAND_DIR": str(self.directory),
-                "PATCHCORE_ADMIN_API_KEY": self.api_key}
+        env = {**os.environ, "PYTHON": sys.executable, "PATCHCORE_STAND_DIR": str(self.directory),
+               "PATCHCORE_ADMIN_API_KEY": self.api_key}
+        if "RAY_AUTH_TOKEN_PATH" in self.state:  # a Ray client of the stand (a redeploy)
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.state["RAY_AUTH_TOKEN_PATH"])
+        return env
 
-    def up(self, replicas: int = 2) -> None:
+    @property
+    def netns(self) -> str | None:
+        return self.state.get("NETNS") or None
+
+    def inside(self) -> contextlib.AbstractContextManager[None]:
+        return inside(self.netns)
+
+    def up(self, replicas: int = 2, netns: bool | None = None) -> None:
+        """`netns`: None = a private namespace where the machine allows it, else loopback."""
         env = {**self.env(), "PATCHCORE_STAND_REPLICAS": str(replicas)}
-        done = subprocess.run(["bash", str(CLUSTER_SH), "up"], env=env, capture_output=True, text=True,
-                              timeout=UP_TIMEOUT_S, check=False)
+        want = netns if netns is not None else os.environ.get("PATCHCORE_STAND_NETNS", "1") != "0"
+        done = None
+        if want:
+            done = subprocess.run(["bash", str(CLUSTER_SH), "up", "--netns"], env=env, capture_output=True,
+                                  text=True, timeout=UP_TIMEOUT_S, check=False)
+            if done.returncode == 5 and netns is None:
+                done = None  # no namespace here: loopback
+        if done is None:
+            done = subprocess.run(["bash", str(CLUSTER_SH), "up"], env=env, capture_output=True, text=True,
+                                  timeout=UP_TIMEOUT_S, check=False)
         if done.returncode in (3, 4):
             raise StandUnavailable(done.stderr.strip()[-1500:])
         if done.returncode != 0:
@@ -108,7 +157,7 @@ class Result:
 
 def predict_load(url: str, product: str, image: bytes, *, seconds: float, clients: int,
                  retries: int = 0, during: Callable[[], None] | None = None,
-                 during_at_s: float = 0.0) -> list[Result]:
+                 during_at_s: float = 0.0, netns: str | None = None) -> list[Result]:
     """`clients` threads predict back to back for `seconds`; `during` runs once after `during_at_s`.
 
     With `retries`, a request lost on its way (connection error, the gateway's 5xx) is sent again,
@@ -141,7 +190,7 @@ def predict_load(url: str, product: str, image: bytes, *, seconds: float, client
         return Result(sent, time.monotonic(), False, error=error)
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=60) as http:
+        with inside(netns), httpx.Client(base_url=url, timeout=60) as http:
             while time.monotonic() < stop_at:
                 result = one(http)
                 with lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,7 @@ def stand() -> Iterator[Stand]:
 @pytest.fixture(scope="module")
 def versions(stand: Stand) -> list[str]:
     """Two versions of one product built through the admin API on the cluster: the first active."""
-    with PatchCoreClient(stand.url, api_key=stand.api_key, timeout=120) as client:
+    with stand.inside(), PatchCoreClient(stand.url, api_key=stand.api_key, timeout=120) as client:
         client.upload_nominal(PRODUCT, sorted((DEMO / "good").glob("*.png"))[:10])
         first = client.wait_for_job(client.start_build(PRODUCT, coreset_ratio=0.1, seed=0)["id"], timeout=300)
         assert first["state"] == "succeeded", first
@@ -69,26 +70,40 @@ def versions(stand: Stand) -> list[str]:
     return [first["version"], second["version"]]
 
 
+def test_the_stand_is_isolated(stand: Stand) -> None:
+    """In its namespace the stand has no interface but loopback; else its HTTP port is loopback-only."""
+    if stand.netns:
+        done = subprocess.run(["ip", "netns", "exec", stand.netns, "ip", "-o", "link"], capture_output=True,
+                              text=True, check=True)
+        assert [line.split(":")[1].strip() for line in done.stdout.splitlines()] == ["lo"]
+        print(f"\nstand in network namespace {stand.netns}")
+    else:
+        print("\nno private network namespace here: stand on loopback")
+    assert stand.url.startswith("http://127.0.0.1:")
+
+
 def test_build_on_the_cluster_scores_like_the_single_process(stand: Stand, versions: list[str],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from app.service.settings import Settings
     from tests.service.conftest import start_server, stop_server
 
     images = [DEMO / "defect" / "scratch_000.png", DEMO / "good_test" / "000.png", DEMO / "defect" / "dent_000.png"]
-    with PatchCoreClient(stand.url) as client:
+    with stand.inside(), PatchCoreClient(stand.url) as client:
         remote = [client.predict(PRODUCT, image, heatmap="none") for image in images]
         assert client.product(PRODUCT)["versions"] == sorted(versions)
     assert {r["bank_version"] for r in remote} == {versions[0]}
 
-    # The single process (uvicorn) on the same store and bank.
+    # The single process (uvicorn) on the same store and bank, in the stand's network (its
+    # threads are created inside it, so they reach the stand's S3 server).
     for key, value in stand.store_settings().items():
         monkeypatch.setenv(key, value)
-    live = start_server(Settings(demo=False, device="cpu"))
-    try:
-        with PatchCoreClient(live.url) as local_client:
-            local = [local_client.predict(PRODUCT, image, heatmap="none") for image in images]
-    finally:
-        stop_server(live)
+    with stand.inside():
+        live = start_server(Settings(demo=False, device="cpu"))
+        try:
+            with PatchCoreClient(live.url) as local_client:
+                local = [local_client.predict(PRODUCT, image, heatmap="none") for image in images]
+        finally:
+            stop_server(live)
     for r, one in zip(remote, local, strict=True):
         assert r["bank_version"] == one["bank_version"]
         assert abs(r["raw_score"] - one["raw_score"]) <= 1e-5, (r["raw_score"], one["raw_score"])
@@ -96,7 +111,7 @@ def test_build_on_the_cluster_scores_like_the_single_process(stand: Stand, versi
 
 
 def test_cancel_a_cluster_build(stand: Stand, versions: list[str]) -> None:
-    with PatchCoreClient(stand.url, api_key=stand.api_key) as client:
+    with stand.inside(), PatchCoreClient(stand.url, api_key=stand.api_key) as client:
         job = client.start_build(PRODUCT, coreset_ratio=0.1, seed=2)
         cancelled = client._http.delete(f"/v1/admin/jobs/{job['id']}")
         assert cancelled.status_code == 202, cancelled.text
@@ -112,11 +127,12 @@ def test_new_version_reaches_every_replica_without_a_failed_request(stand: Stand
     switched: dict[str, float] = {}
 
     def activate() -> None:
-        with PatchCoreClient(stand.url, api_key=stand.api_key) as client:
+        with stand.inside(), PatchCoreClient(stand.url, api_key=stand.api_key) as client:
             switched["at"] = time.monotonic()
             client.activate(PRODUCT, versions[1])
 
-    results = predict_load(stand.url, PRODUCT, image, seconds=8.0, clients=4, during=activate, during_at_s=3.0)
+    results = predict_load(stand.url, PRODUCT, image, seconds=8.0, clients=4, during=activate, during_at_s=3.0,
+                           netns=stand.netns)
     failed = [r for r in results if not r.ok]
     assert not failed, failed[:5]
     per_replica = propagation(results, versions[1], switched["at"])
@@ -143,7 +159,8 @@ def test_killed_replica_costs_no_request_with_retries_and_is_replaced(stand: Sta
 
     def run(out: dict, retries: int) -> None:
         out["results"] = predict_load(stand.url, PRODUCT, image, seconds=6.0, clients=2, retries=retries,
-                                      during=kill if retries == 0 else None, during_at_s=2.0)
+                                      during=kill if retries == 0 else None, during_at_s=2.0,
+                                      netns=stand.netns)
 
     import threading
 
@@ -166,7 +183,7 @@ def test_killed_replica_costs_no_request_with_retries_and_is_replaced(stand: Sta
         time.sleep(1)
     assert len(replica_pids()) == 2 and killed["pid"] not in replica_pids(), replica_pids()
     # The new replica serves (it loads the bank on first use).
-    with PatchCoreClient(stand.url, retries=3) as client:
+    with stand.inside(), PatchCoreClient(stand.url, retries=3) as client:
         seen = set()
         deadline = time.monotonic() + 120
         while len(seen) < 2 and time.monotonic() < deadline:
