@@ -152,7 +152,15 @@ class PatchCoreReplica:
     async def bank(self, product: str) -> _Bank:
         registry: ProductRegistry = self._resources().predictor.registry
         if product not in registry.loaded():
-            loaded = await asyncio.to_thread(registry.load, product)
+            # A product the store does not have stays unknown here (404 from the route, as in
+            # the single process), not a "failed to load" entry.
+            try:
+                active = await asyncio.to_thread(registry.store.active_version, product)
+            except LookupError:
+                active = None
+            if active is None:
+                raise LookupError(f"no product named {product!r}")
+            loaded = await asyncio.to_thread(registry.load, product, active)
             if loaded is None:
                 raise LookupError(f"product {product!r} could not be loaded here")
         return _Bank(registry, product)

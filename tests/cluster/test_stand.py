@@ -120,6 +120,9 @@ def test_cancel_a_cluster_build(stand: Stand, versions: list[str]) -> None:
         assert client.product(PRODUCT)["versions"] == sorted(versions)  # nothing was published
         missing = client._http.get("/v1/admin/jobs/nope")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
+        unknown = client._http.post("/v1/products/nope/predict", content=b"x", headers={"Content-Type": "image/png"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "product_not_found"
+        assert all(f["name"] != "nope" for f in client.products()["failed"])
 
 
 def test_new_version_reaches_every_replica_without_a_failed_request(stand: Stand, versions: list[str]) -> None:
