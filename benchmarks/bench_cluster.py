@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--max-seconds-per-level", type=float, default=20.0)
     parser.add_argument("--swaps", type=int, default=3)
     parser.add_argument("--extra-banks", type=int, default=4, help="products loaded for the memory figure")
+    parser.add_argument("--no-throughput", action="store_true",
+                        help="skip part 1 (the single process and the 1-replica stand): swap, load, memory only")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -144,7 +146,8 @@ def main() -> None:
                 process.terminate()
                 process.wait(30)
 
-    rows += single_process("single process")
+    if not args.no_throughput:
+        rows += single_process("single process")
 
     # 1b. the stand
     stand = new_stand()
@@ -154,7 +157,7 @@ def main() -> None:
     try:
         os.environ["PATCHCORE_STAND_REPLICAS"] = "1"
         started = time.monotonic()
-        stand.up(replicas=1)
+        stand.up(replicas=2 if args.no_throughput else 1)
         out["stand_up_s"] = time.monotonic() - started
         print(f"stand up in {out['stand_up_s']:.0f} s ({stand.state['STORE']} store)", flush=True)
         out["store"] = stand.state["STORE"]
@@ -162,7 +165,7 @@ def main() -> None:
             store = stand_store(stand)
             v1 = store.save(PRODUCT, bank, activate=True)
             v2 = store.save(PRODUCT, bank2, activate=False)
-        for replicas in (1, 2):
+        for replicas in () if args.no_throughput else (1, 2):
             if replicas == 2:
                 redeploy(stand, 2)
             with stand.inside():
@@ -241,7 +244,8 @@ def main() -> None:
         print(done.stdout.strip() or done.stderr.strip())
         remove_stand_dir(stand)
 
-    rows += single_process("single process, again")
+    if not args.no_throughput:
+        rows += single_process("single process, again")
     out["throughput"] = rows
 
     print("\n| setup | concurrency | req/s | p50 ms | p95 ms | failed |")
