@@ -155,12 +155,14 @@ class PatchCoreReplica:
             # A product the store does not have stays unknown here (404 from the route, as in
             # the single process), not a "failed to load" entry.
             try:
-                active = await asyncio.to_thread(registry.store.active_version, product)
+                active: str | None = await asyncio.to_thread(registry.store.active_version, product)
             except LookupError:
                 active = None
+            except Exception:  # a broken pointer, the store down: load() records why, as at start
+                active = ""
             if active is None:
                 raise LookupError(f"no product named {product!r}")
-            loaded = await asyncio.to_thread(registry.load, product, active)
+            loaded = await asyncio.to_thread(registry.load, product, active or None)
             if loaded is None:
                 raise LookupError(f"product {product!r} could not be loaded here")
         return _Bank(registry, product)
