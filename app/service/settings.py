@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     max_heatmap_side: int = Field(default=1024, ge=64, le=8192)
     # Decoding memory for the whole process: decodes wait while their images' estimated
     # footprint (7 bytes per pixel) would pass this, so concurrency cannot multiply it.
-    decode_memory_mb: int = Field(default=768, ge=64)
+    decode_memory_mb: int = Field(default=512, ge=64)
     # A client must deliver each chunk of its body within this time (slow-body guard).
     body_read_timeout_s: float = Field(default=30.0, gt=0.0)
     max_staging_images: int = Field(default=5_000, ge=1)
