@@ -179,8 +179,8 @@ def test_heatmaps_are_bounded_and_regions_lie_on_the_photo(tmp_path, tile_bank):
             assert png.size == (256, 128)
         for region in result["regions"]:
             box = region["bbox"]
-            assert 0 <= box["x"] and box["x"] + box["width"] <= 1200
-            assert 0 <= box["y"] and box["y"] + box["height"] <= 600
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 1200
+            assert box["y"] >= 0 and box["y"] + box["height"] <= 600
     finally:
         stop_server(live)
 
