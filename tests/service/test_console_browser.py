@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.demo import demo_defect_images, demo_nominal_images
+from app.demo import demo_defect_images, demo_nominal_images, demo_test_nominal_images
 
 from .conftest import ADMIN, ADMIN_KEY, LiveServer, start_server, stop_server, test_settings
 
@@ -88,9 +88,14 @@ def browser(tmp_path_factory):
 
 
 def wait(driver, condition, timeout: float = WAIT_S, message: str = ""):
+    """Poll until condition(driver) is truthy. The page re-renders its tables on every
+    refresh, so an element found a moment ago may be gone (stale) or not there yet."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d), message)
+    ignored = (StaleElementReferenceException, NoSuchElementException, IndexError)
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored).until(
+        lambda d: condition(d), message)
 
 
 def by_id(driver, element_id: str):
@@ -103,6 +108,11 @@ def css(driver, selector: str):
     from selenium.webdriver.common.by import By
 
     return driver.find_elements(By.CSS_SELECTOR, selector)
+
+
+def click(driver, selector: str) -> None:
+    """Click the first match, again if a re-render replaced it under the cursor."""
+    wait(driver, lambda d: css(d, selector)[0].click() or True, 10, f"could not click {selector}")
 
 
 def open_console(driver, server: LiveServer, view: str, *, clear_key: bool = True) -> None:
@@ -160,11 +170,14 @@ def test_try_an_image_shows_score_decision_heatmap_and_regions(browser, console_
     assert heat.value_of_css_property("opacity") == "0.2"
     browser.execute_script("const s = document.getElementById('opacity'); s.value = 55;"
                            "s.dispatchEvent(new Event('input'))")
-    # A good part next to it: OK, below the threshold.
-    good = demo_nominal_images()[0]
-    by_id(browser, "try-files").send_keys(str(good))
-    wait(browser, lambda d: len(css(d, "#try-results .card[data-state=done]")) == 2, message="second card")
-    assert css(browser, "#try-results .card")[0].find_element("css selector", ".decision").text == "OK"
+    # Two more at once: a held-out good part (OK) and a crack (ANOMALOUS).
+    good = demo_test_nominal_images()[0]
+    crack = next(p for p in demo_defect_images() if p.name.startswith("crack"))
+    by_id(browser, "try-files").send_keys(f"{good}\n{crack}")
+    wait(browser, lambda d: len(css(d, "#try-results .card[data-state=done]")) == 3, message="more cards")
+    decisions = {c.find_element("css selector", ".filename").text: c.find_element("css selector", ".decision").text
+                 for c in css(browser, "#try-results .card")}
+    assert decisions == {defect.name: "ANOMALOUS", good.name: "OK", crack.name: "ANOMALOUS"}
     browser.save_screenshot(str(shots / "console_try.png"))
     assert csp_violations(browser) == []
 
@@ -226,12 +239,13 @@ def test_admin_builds_a_bank_and_it_becomes_active_then_rolls_back(browser, cons
     row = "#products-body tr[data-product=demo]"
     wait(browser, lambda d: css(d, f"{row} td.version") and css(d, f"{row} td.version")[0].text == new_version,
          10, "new version not shown as active")
-    css(browser, row)[0].click()
-    wait(browser, lambda d: len(css(d, "#versions-body tr")) == 2, 10, "version history")
-    assert css(browser, "#versions-body tr")[0].get_attribute("data-version") == new_version
-    assert css(browser, "#versions-body tr .pill.active")
+    click(browser, row)
+    # Newest first, the serving one marked active, the other one with an Activate button.
+    wait(browser, lambda d: [r.get_attribute("data-version") for r in css(d, "#versions-body tr")]
+         == [new_version, old_version], 10, "version history")
+    wait(browser, lambda d: css(d, f"#versions-body tr[data-version='{new_version}'] .pill.active"), 10, "active")
     browser.save_screenshot(str(shots / "console_products.png"))
-    css(browser, f"#versions-body tr[data-version='{old_version}'] button")[0].click()
+    click(browser, f"#versions-body tr[data-version='{old_version}'] button")
     wait(browser, lambda d: by_id(d, "confirm").is_displayed(), 5, "no confirmation")
     by_id(browser, "confirm-ok").click()
     wait(browser, lambda d: css(d, f"{row} td.version")[0].text == old_version, 10, "rollback not shown")
@@ -250,15 +264,14 @@ def test_health_view_shows_readiness_queue_and_rates(browser, console_server, sh
     assert float(by_id(browser, "h-rps").text) > 0  # the page's own polling, at least
     assert re.fullmatch(r"\d+(\.\d)? ms", by_id(browser, "h-latency").text), by_id(browser, "h-latency").text
     images, _anomalous = (int(float(x)) for x in by_id(browser, "h-images").text.split(" / "))
-    assert images >= 2  # the two predictions of the first test at least
+    assert images >= 4  # the first test's predictions at least
     browser.save_screenshot(str(shots / "console_health.png"))
 
 
 def test_delete_product_asks_first(browser, console_server, api):
     open_console(browser, console_server, "products", clear_key=False)
     row = "#products-body tr[data-product=demo]"
-    wait(browser, lambda d: css(d, row), 10, "no demo row")
-    css(browser, row)[0].click()
+    click(browser, row)
     wait(browser, lambda d: by_id(d, "product-delete").is_displayed(), 10, "no delete button for admin")
     by_id(browser, "product-delete").click()
     wait(browser, lambda d: by_id(d, "confirm").is_displayed(), 5, "no confirmation")

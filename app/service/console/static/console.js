@@ -286,14 +286,21 @@
     return el("td", { text, cls });
   }
 
+  // Several loads can overlap (a route change, an activation): only the latest one renders.
+  let productsSeq = 0;
+  let detailSeq = 0;
+
   async function loadProducts() {
+    const seq = ++productsSeq;
     let data;
     try {
       data = await api("/v1/products");
     } catch (err) {
+      if (seq !== productsSeq) return;
       $("products-body").replaceChildren(el("tr", {}, [el("td", { cls: "reason", text: errorText(err) })]));
       return;
     }
+    if (seq !== productsSeq) return;
     state.products = data.products;
     state.failed = data.failed;
     const rows = [];
@@ -353,10 +360,12 @@
 
   async function loadDetail(name) {
     const panel = $("product-detail");
+    const seq = ++detailSeq;
     let info;
     try {
       info = await api(`/v1/products/${encodeURIComponent(name)}`);
     } catch (err) {
+      if (seq !== detailSeq) return;
       if (err.status === 404) {
         state.selected = null;
         panel.hidden = true;
@@ -366,6 +375,7 @@
       panel.hidden = false;
       return;
     }
+    if (seq !== detailSeq) return;
     panel.hidden = false;
     $("detail-name").textContent = name;
     show($("detail-reason"), info.status === "failed" ? `${info.error_code}: ${info.reason}` : "");
