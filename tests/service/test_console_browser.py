@@ -211,6 +211,7 @@ def test_admin_builds_a_bank_and_it_becomes_active_then_rolls_back(browser, cons
     assert by_id(browser, "staged-count").text == str(len(images))
     by_id(browser, "opt-coreset").send_keys("0.1")
     by_id(browser, "opt-seed").send_keys("1")
+    by_id(browser, "opt-activate").click()  # build only: activate the result from the console
     by_id(browser, "build-start").click()
 
     seen_phases = set()
@@ -223,15 +224,19 @@ def test_admin_builds_a_bank_and_it_becomes_active_then_rolls_back(browser, cons
     job_id = by_id(browser, "job-id").text
     job = api.get(f"/v1/admin/jobs/{job_id}", headers=ADMIN).json()
     assert job["state"] == "succeeded", job
-    assert job["params"] == {"coreset_ratio": 0.1, "backbone": None, "seed": 1}
+    assert job["params"] == {"coreset_ratio": 0.1, "backbone": None, "seed": 1, "activate": False}
     assert by_id(browser, "job-phase").text == "done"
     assert seen_phases - {"done", ""}, "no phase was shown while the build ran"
     new_version = job["version"]
     assert new_version != old_version
     assert new_version in by_id(browser, "job-detail").text
+    assert api.get("/v1/products/demo").json()["version"] == old_version  # built, not yet served
     activate = by_id(browser, "job-activate")
+    wait(browser, lambda d: activate.is_displayed() and activate.is_enabled(), 10, "no activate button")
+    activate.click()
     wait(browser, lambda d: not activate.is_enabled(), 10, "activate button should say the version is active")
     assert "Active" in activate.text
+    assert api.get("/v1/products/demo").json()["version"] == new_version
     browser.save_screenshot(str(shots / "console_build.png"))
 
     # Products: the new version serves; roll back to the old one from the version history.

@@ -654,6 +654,7 @@
     if (ratio) params.coreset_ratio = Number(ratio);
     if (backbone) params.backbone = backbone;
     if (seed) params.seed = Number(seed);
+    params.activate = $("opt-activate").checked;
     $("build-start").disabled = true;
     try {
       const job = await api(`/v1/admin/products/${product}/builds`, { method: "POST", json: params, admin: true });
