@@ -218,7 +218,7 @@ def test_admin_builds_a_bank_and_it_becomes_active_then_rolls_back(browser, cons
 
     def finished(d):
         seen_phases.add(by_id(d, "job-phase").text)
-        return by_id(d, "job-state").text in ("succeeded", "failed", "cancelled")
+        return by_id(d, "job-state").text in ("succeeded", "failed", "cancelled", "interrupted")
 
     wait(browser, finished, 120, "build did not finish")
     job_id = by_id(browser, "job-id").text

@@ -7,7 +7,7 @@
   const ROOT = new URL("../", window.location.href); // the service root, also behind a path prefix
   const KEY_STORAGE = "patchcore.adminKey";
   const VIEWS = ["products", "try", "build", "health"];
-  const FINISHED = ["succeeded", "failed", "cancelled"];
+  const FINISHED = ["succeeded", "failed", "cancelled", "interrupted"];
   const HEALTH_EVERY_MS = 3000;
   const JOB_POLL_MS = 500;
   // Staging uploads go in several requests so that none passes the service's body limit
