@@ -42,7 +42,12 @@ def _which(*names: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def console_server(tmp_path_factory) -> Iterator[LiveServer]:
-    live = start_server(test_settings(tmp_path_factory.mktemp("models"), demo=True))
+    models = tmp_path_factory.mktemp("models")
+    # A bank that cannot load, so the Products view has a failure to show.
+    broken = models / "broken" / "20260101T000000Z-abcdef"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text("{ not json")
+    live = start_server(test_settings(models, demo=True))
     yield live
     stop_server(live)
 
@@ -182,6 +187,21 @@ def test_try_an_image_shows_score_decision_heatmap_and_regions(browser, console_
     assert csp_violations(browser) == []
 
 
+def test_products_lists_a_bank_that_failed_to_load_with_its_reason(browser, console_server, api):
+    failed = api.get("/v1/products").json()["failed"]
+    assert [f["name"] for f in failed] == ["broken"]
+    open_console(browser, console_server, "products")
+    row = "#products-body tr[data-product=broken]"
+    wait(browser, lambda d: css(d, f"{row} .pill.failed"), 10, "failed bank not listed")
+    reason = css(browser, f"{row} td.reason")[0].text
+    assert reason.startswith(failed[0]["error_code"] + ":") and failed[0]["reason"] in reason
+    demo_row = "#products-body tr[data-product=demo]"
+    assert css(browser, f"{demo_row} .pill.loaded")
+    cells = [c.text for c in css(browser, f"{demo_row} td")]
+    demo = api.get("/v1/products/demo").json()
+    assert cells[2:6] == [demo["version"], demo["backbone"], f"{demo['bank_size']:,}", f"{demo['threshold']:.4f}"]
+
+
 def test_a_wrong_admin_key_shows_an_error_and_keeps_admin_hidden(browser, console_server, shots):
     open_console(browser, console_server, "products")
     assert not css(browser, "#tabs a[data-view=build]")[0].is_displayed()
@@ -268,6 +288,7 @@ def test_health_view_shows_readiness_queue_and_rates(browser, console_server, sh
     wait(browser, lambda d: re.fullmatch(r"\d+\.\d\d", by_id(d, "h-rps").text), 10, "no request rate")
     assert float(by_id(browser, "h-rps").text) > 0  # the page's own polling, at least
     assert re.fullmatch(r"\d+(\.\d)? ms", by_id(browser, "h-latency").text), by_id(browser, "h-latency").text
+    assert by_id(browser, "h-banks").text == "1 / 1"  # demo loaded, "broken" failed
     images, _anomalous = (int(float(x)) for x in by_id(browser, "h-images").text.split(" / "))
     assert images >= 4  # the first test's predictions at least
     browser.save_screenshot(str(shots / "console_health.png"))
