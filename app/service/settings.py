@@ -29,6 +29,17 @@ class Settings(BaseSettings):
     # Build the "demo" bank from the packaged demo images at startup when missing.
     demo: bool = True
 
+    # ------------------------------------------------------------------ bank store (app/storage.py)
+    # "local": banks under models_dir; "s3": an S3-compatible bucket (credentials from the usual AWS_* variables).
+    store: Literal["local", "s3"] = "local"
+    s3_endpoint_url: str | None = None        # unset = AWS S3; e.g. http://127.0.0.1:8333 for SeaweedFS
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_region: str | None = None
+    # Local read-through cache of bank files (default models_dir/.s3-cache), least recently used out first.
+    s3_cache_dir: Path | None = None
+    s3_cache_max_mb: float = Field(default=2048.0, gt=0.0)
+
     # ------------------------------------------------------------------ admin access
     admin_api_key: SecretStr | None = None
     environment: Literal["production", "development"] = "production"
@@ -78,6 +89,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"PATCHCORE_ADMIN_API_KEY must be at least {MIN_ADMIN_KEY_LENGTH} characters"
             )
+        if self.store == "s3" and not self.s3_bucket:
+            raise ValueError("PATCHCORE_STORE=s3 needs PATCHCORE_S3_BUCKET")
         if self.dev_open_admin and self.environment != "development":
             raise ValueError(
                 "PATCHCORE_DEV_OPEN_ADMIN=true needs PATCHCORE_ENVIRONMENT=development"
