@@ -212,7 +212,14 @@ def create_store(settings: StoreSettings) -> BankStore:
 
 # --------------------------------------------------------------------------- helpers shared by both stores
 def is_no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in NO_SPACE_ERRNOS:
+        return True
+    # numpy's tofile() reports a short write as "N requested and M written" without an errno;
+    # on a local file that is a full disk or quota.
+    message = str(exc)
+    return exc.errno is None and "requested and" in message and "written" in message
 
 
 def relabel(exc: BankCorrupt | BankIncompatible, directory: Path, label: str) -> Exception:

@@ -286,7 +286,9 @@ class S3BankStore:
                 raise InsufficientStorage(f"the object store refused {what}: out of space ({code})") from None
             if code in _UNAVAILABLE_CODES or status in (401, 403) or status >= 500:
                 raise StoreUnavailable(f"the object store cannot serve {what} ({code or status})") from None
-            raise
+            if _is_conflict(exc):  # the compare-and-swap handles these itself
+                raise
+            raise StoreError(f"the object store refused {what} ({code or status})") from None
         except (BotoConnectionError, HTTPClientError, NoCredentialsError) as exc:
             raise StoreUnavailable(f"the object store cannot be reached for {what} ({type(exc).__name__})") from None
         except BotoCoreError as exc:
@@ -321,8 +323,15 @@ class S3BankStore:
 
     # ------------------------------------------------------------------ readiness
     def ping(self) -> None:
+        from botocore.exceptions import ClientError
+
         with self._errors(f"bucket {self.bucket!r}"):
-            self._s3.head_bucket(Bucket=self.bucket)
+            try:
+                self._s3.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if _is_missing(exc):
+                    raise StoreUnavailable(f"bucket {self.bucket!r} does not exist") from None
+                raise
         if not self._conditional_writes_checked:
             self._check_conditional_writes()
             self._conditional_writes_checked = True
