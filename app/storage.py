@@ -452,6 +452,7 @@ class LocalBankStore:
 
 
 __all__ = ["ANY", "ActivationConflict", "BankCorrupt", "BankStore", "BrokenActivePointer", "Expected",
-           "InsufficientStorage", "InvalidName", "InvalidProductName", "LocalBankStore", "NoActiveVersion", "ProductNotFound",
+           "InsufficientStorage", "InvalidName", "InvalidProductName", "LocalBankStore", "NoActiveVersion",
+           "ProductNotFound",
            "StoreError", "StoreSettings", "StoreUnavailable", "VersionInUse", "VersionNotFound",
            "check_product_name", "check_version_name", "create_store", "new_version_name"]
