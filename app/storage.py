@@ -380,7 +380,7 @@ class LocalBankStore:
             if version is None:
                 if self.versions(product):
                     raise NoActiveVersion(f"product {product!r} has versions but none is active; activate one")
-                raise ProductNotFound(f"no product {product!r}")
+                raise ProductNotFound(f"no bank for product {product!r}")
         else:
             check_version_name(version)
             if not (self._product_dir(product) / version).is_dir():

@@ -421,7 +421,7 @@ class S3BankStore:
             if not pointer.exists:
                 if self.versions(product):
                     raise NoActiveVersion(f"product {product!r} has versions but none is active; activate one")
-                raise ProductNotFound(f"no product {product!r}")
+                raise ProductNotFound(f"no bank for product {product!r}")
             version = self._pointed_version(product, pointer)
             manifest = self._manifest(product, version)
             if manifest is None:

