@@ -3,10 +3,12 @@ not ready again during a later outage. Real service (lifespan, backbone), real S
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -87,3 +89,33 @@ def test_store_down_at_start_then_back(seaweed, tmp_path, monkeypatch):
             _wait_status(client, "/health/ready", 200)
     finally:
         proxy.down()
+
+
+@pytest.mark.slow
+def test_broken_pointer_is_reported_failed_never_guessed(tmp_path):
+    """Issue 10 #5: an empty ACTIVE after a rollback used to serve the newest version; now the product is failed."""
+    from app.storage import LocalBankStore
+
+    from .conftest import tiny_bank
+
+    models = tmp_path / "models"
+    store = LocalBankStore(models)
+    old = store.save("bottle", tiny_bank(rows=50))
+    store.save("bottle", tiny_bank(rows=60))
+    store.activate("bottle", old)  # a rollback...
+    (models / "bottle" / "ACTIVE").write_text("")  # ...whose pointer was then emptied
+    settings = Settings(models_dir=models, device="cpu", demo=False)
+    with _serve(create_app(settings)) as client:
+        _wait_status(client, "/health/ready", 200)
+        listing = client.get("/v1/products").json()
+        assert listing["products"] == []
+        [failed] = listing["failed"]
+        assert failed["name"] == "bottle" and "active pointer" in failed["reason"]
+        assert str(tmp_path) not in json.dumps(listing)
+        detail = client.get("/v1/products/bottle")
+        assert detail.status_code == 200 and detail.json()["status"] == "failed"
+        image = Path(__file__).resolve().parents[2] / "app" / "demo" / "images" / "good_test" / "000.png"
+        refused = client.post("/v1/products/bottle/predict", content=image.read_bytes(),
+                              headers={"Content-Type": "image/png"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "product_unavailable"
+        assert str(tmp_path) not in refused.text
