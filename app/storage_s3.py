@@ -263,11 +263,13 @@ class S3BankStore:
         self.root = f"{self.prefix}banks/"
         self.cas_attempts = cas_attempts
         session = session or boto3.session.Session()
+        # Other S3 servers (MinIO, SeaweedFS): buckets by path, not by host name, and no default CRC
+        # trailers (older ones reject them); our own sha256 in the manifest and pointer protects the data.
+        compatible = {"s3": {"addressing_style": "path"}, "request_checksum_calculation": "when_required",
+                      "response_checksum_validation": "when_required"} if endpoint_url else {}
         config = Config(connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
                         retries={"mode": "standard", "max_attempts": max_attempts},
-                        max_pool_connections=32,
-                        # MinIO and SeaweedFS serve buckets by path, not by host name.
-                        s3={"addressing_style": "path"} if endpoint_url else None)
+                        max_pool_connections=32, **compatible)
         self._s3 = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         self.cache = BankCache(cache_dir, cache_max_bytes)
         self._conditional_writes_checked = False
