@@ -223,8 +223,10 @@ def is_no_space(exc: BaseException) -> bool:
 
 
 def relabel(exc: BankCorrupt | BankIncompatible, directory: Path, label: str) -> Exception:
-    """The same error with the bank's directory replaced by product/version (no server paths in messages)."""
-    return type(exc)(str(exc).replace(str(directory), label))
+    """The same error naming product/version instead of the directory it was read from (a cache or
+    temporary directory for S3), and never a server path."""
+    message = str(exc).replace(str(directory), f"bank {label}").replace(f"bank {directory.name}", f"bank {label}")
+    return type(exc)(message)
 
 
 def load_verified(directory: Path, label: str) -> MemoryBank:
