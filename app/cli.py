@@ -255,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every failed SIMD probe
     args = build_parser().parse_args(argv)
     from app.core.errors import PatchCoreError
-    from app.storage import InvalidName, ProductNotFound
+    from app.storage import InvalidName, ProductNotFound, StoreError
 
     try:
         return int(args.func(args))
-    except (PatchCoreError, InvalidName, ProductNotFound, FileNotFoundError, ValueError) as exc:
+    except (PatchCoreError, InvalidName, ProductNotFound, StoreError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

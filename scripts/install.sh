@@ -7,6 +7,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 if [ "${1:-}" = "dev" ]; then
   .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+  bash scripts/install_chromium.sh || true  # the console's browser tests skip (saying why) without it
 else
   .venv/bin/python -m pip install --quiet -c constraints.txt -e .
 fi

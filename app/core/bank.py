@@ -77,7 +77,7 @@ def save_bank(bank: MemoryBank, directory: Path | str) -> Path:
     """
     directory = Path(directory)
     if directory.exists():
-        raise FileExistsError(f"bank directory already exists: {directory}")
+        raise FileExistsError(f"bank version {directory.name} already exists")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
@@ -108,43 +108,50 @@ def save_bank(bank: MemoryBank, directory: Path | str) -> Path:
     return directory
 
 
+def _why(exc: BaseException) -> str:
+    """The reason without the file's absolute path (messages reach API clients)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)
+
+
 def load_bank(directory: Path | str) -> MemoryBank:
     """Load and verify a bank; raise BankCorrupt or BankIncompatible with the reason."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        raise BankCorrupt(f"{directory}: no {MANIFEST}")
+        raise BankCorrupt(f"bank {directory.name}: no {MANIFEST}")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BankCorrupt(f"{manifest_path}: unreadable manifest ({exc})") from exc
+        raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: unreadable manifest ({_why(exc)})") from exc
     if not isinstance(manifest, dict):
-        raise BankCorrupt(f"{manifest_path}: manifest is not a JSON object")
+        raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: manifest is not a JSON object")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise BankIncompatible(f"{directory}: bank format {version!r}, this software reads {FORMAT_VERSION}")
+        raise BankIncompatible(f"bank {directory.name}: bank format {version!r}, this software reads {FORMAT_VERSION}")
     for key in ("embedder", "calibration", "files", "feature_dim", "bank_size"):
         if key not in manifest:
-            raise BankCorrupt(f"{manifest_path}: missing field {key!r}")
+            raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: missing field {key!r}")
     arrays = {}
     for key, filename in ARRAYS.items():
         path = directory / filename
         expected = manifest["files"].get(filename)
         if not path.is_file():
-            raise BankCorrupt(f"{directory}: missing {filename}")
+            raise BankCorrupt(f"bank {directory.name}: missing {filename}")
         if expected != _sha256(path):
-            raise BankCorrupt(f"{path}: checksum mismatch (file truncated or modified)")
+            raise BankCorrupt(f"bank {directory.name}, {path.name}: checksum mismatch (file truncated or modified)")
         try:
             arrays[key] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise BankCorrupt(f"{path}: unreadable array ({exc})") from exc
+            raise BankCorrupt(f"bank {directory.name}, {path.name}: unreadable array ({_why(exc)})") from exc
     features = arrays["features"]
     if features.ndim != 2 or features.dtype != np.float32 or not features.flags.c_contiguous:
-        raise BankCorrupt(f"{directory}: features must be a C-contiguous (M, D) float32 array")
+        raise BankCorrupt(f"bank {directory.name}: features must be a C-contiguous (M, D) float32 array")
     if features.shape != (manifest["bank_size"], manifest["feature_dim"]):
-        raise BankCorrupt(f"{directory}: features shape {features.shape} does not match the manifest")
+        raise BankCorrupt(f"bank {directory.name}: features shape {features.shape} does not match the manifest")
     if not np.isfinite(features).all():
-        raise BankCorrupt(f"{directory}: features contain NaN or infinity")
+        raise BankCorrupt(f"bank {directory.name}: features contain NaN or infinity")
     if "threshold" not in manifest["calibration"]:
-        raise BankCorrupt(f"{manifest_path}: calibration has no threshold")
+        raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: calibration has no threshold")
     return MemoryBank(features=features, nominal_scores=arrays["nominal_scores"], manifest=manifest)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import app as app_package
+from app.service import console
 from app.service.auth import AdminAuthMiddleware
 from app.service.errors import UnhandledErrorMiddleware, install_error_handlers
 from app.service.limits import BodySizeLimitMiddleware
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None, *, store: BankStore | None = No
     install_error_handlers(application)
     for router in (predict.router, products.router, admin.router, health.router):
         application.include_router(router)
+    application.include_router(console.router)  # the operator console at /console/
     # Added first = innermost: an unexpected error is answered here without closing
     # the connection. Added last = outermost: ids and metrics cover every answer.
     application.add_middleware(UnhandledErrorMiddleware)

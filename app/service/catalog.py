@@ -21,7 +21,7 @@ from app.service.errors import ProductNotFound, VersionNotFound
 from app.service.predictor import Predictor
 from app.service.registry import LoadedProduct
 from app.service.staging import StagingArea
-from app.storage import BankStore
+from app.storage import BankStore, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ProductCatalog:
         try:
             info["versions"] = self.versions(product)
             info["active_version"] = self.store.active_version(product)
-        except (OSError, LookupError, ValueError):
+        except (OSError, LookupError, ValueError, StoreError):  # e.g. a broken pointer: reported as failed
             info["versions"] = []
             info["active_version"] = None
         return info

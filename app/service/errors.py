@@ -135,6 +135,13 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     storage.ProductNotFound: (404, "product_not_found"),
     storage.InvalidProductName: (422, "invalid_product_name"),
     storage.InvalidName: (422, "invalid_name"),
+    storage.NoActiveVersion: (409, "no_active_version"),
+    storage.ActivationConflict: (409, "activation_conflict"),
+    storage.VersionInUse: (409, "version_in_use"),
+    storage.InsufficientStorage: (507, "insufficient_storage"),
+    storage.StoreUnavailable: (503, "store_unavailable"),
+    storage.BrokenActivePointer: (500, "broken_active_pointer"),
+    storage.StoreError: (500, "store_error"),
     core.InvalidImage: (400, "invalid_image"),
     core.ImageTooLarge: (413, "image_too_large"),
     core.NotEnoughImages: (422, "not_enough_images"),
@@ -150,6 +157,7 @@ _HTTP_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
     422: "validation_error", 429: "overloaded", 500: "internal_error", 503: "unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -215,6 +223,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(storage.InvalidName, domain_error)
     app.add_exception_handler(storage.ProductNotFound, domain_error)
     app.add_exception_handler(OSError, domain_error)
+    app.add_exception_handler(storage.StoreError, domain_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
 

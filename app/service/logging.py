@@ -71,9 +71,10 @@ def configure_logging(level: str = "INFO", json_logs: bool = False) -> None:
     handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
+    # The service owns the root logger: any handler set up before (the CLI's basicConfig)
+    # would write every record a second time, in another format.
     for old in list(root.handlers):
-        if getattr(old, "_patchcore", False):
-            root.removeHandler(old)
+        root.removeHandler(old)
     handler._patchcore = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)

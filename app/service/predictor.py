@@ -20,6 +20,7 @@ from app.core.errors import ImageTooLarge, PatchCoreError
 from app.core.images import probe_image
 from app.core.patchcore import Prediction
 from app.service.batching import MicroBatcher, Timed
+from app.service.budget import DECODE_BYTES_PER_PIXEL, MemoryBudget
 from app.service.errors import ClientGone, Overloaded
 from app.service.inference import PredictOptions, PreparedImage, prepare, render, score_prepared
 from app.service.metrics import ServiceMetrics
@@ -46,6 +47,7 @@ class Predictor:
         metrics.track_queue(lambda: self.batcher.depth, settings.queue_size)
         # Decode/validate/resize and heatmap rendering: CPU work kept off the event loop.
         self.cpu_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="prepare")
+        self.decode_budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
         self.backbone_loaded = False
         self.banks_loaded = False
 
@@ -94,12 +96,14 @@ class Predictor:
         loop = asyncio.get_running_loop()
         keep = options.heatmap == "overlay"
         settings = self.settings
-        self._check_pixel_budget(uploads)
+        pixels = self._check_pixel_budget(uploads)
 
         def prepare_one(index: int, upload: UploadedFile) -> PreparedImage:
             try:
-                return prepare(loaded, upload.data, settings.max_image_pixels, keep,
-                               settings.max_heatmap_side)
+                with self.decode_budget.reserve(pixels[index] * DECODE_BYTES_PER_PIXEL,
+                                                timeout=settings.request_timeout_s):
+                    return prepare(loaded, upload.data, settings.max_image_pixels, keep,
+                                   settings.max_heatmap_side)
             except PatchCoreError as exc:
                 raise type(exc)(f"image {index} ({_shown(upload.filename)}): {exc}") from exc
 
@@ -139,10 +143,11 @@ class Predictor:
         return {"product": loaded.name, "results": results}
 
     # ---------------------------------------------------------------- internals
-    def _check_pixel_budget(self, uploads: Sequence[UploadedFile]) -> None:
+    def _check_pixel_budget(self, uploads: Sequence[UploadedFile]) -> list[int]:
         """Formats and pixel counts from the headers, before any pixel is decoded: with the
-        per-image limit this bounds what one request can make the process allocate."""
-        total = 0
+        per-image limit this bounds what one request can make the process allocate.
+        Returns each image's pixel count."""
+        counts: list[int] = []
         for index, upload in enumerate(uploads):
             try:
                 _, width, height = probe_image(upload.data)
@@ -153,10 +158,12 @@ class Predictor:
                     f"image {index} ({_shown(upload.filename)}) is {width}x{height} = "
                     f"{width * height} pixels, more than the limit of "
                     f"{self.settings.max_image_pixels}")
-            total += width * height
+            counts.append(width * height)
+        total = sum(counts)
         if total > self.settings.max_request_pixels:
             raise ImageTooLarge(f"the request's images hold {total} pixels in all, more than the "
                                 f"limit of {self.settings.max_request_pixels} per request")
+        return counts
 
     def _create_embedder(self, config: EmbedderConfig) -> PatchEmbedder:
         logger.info("loading backbone %s on %s", config.backbone, self.settings.device)

@@ -131,6 +131,8 @@ class ProductRegistry:
         product was already serving, the old model keeps serving.
         """
         try:
+            # Resolved first, so a bank that fails to load is reported with its version.
+            version = version or self.store.active_version(name)
             version, bank = self.store.load(name, version)
             return self.install(name, version, self.model_for(bank))
         except (PatchCoreError, OSError, ValueError, LookupError, TypeError) as exc:

@@ -29,7 +29,8 @@ from app.service.registry import EmbedderFactory
 from app.service.settings import Settings
 from app.service.staging import StagingArea
 from app.service.watch import PointerWatcher
-from app.storage import BankStore, LocalBankStore
+from app.storage import BankStore, StoreUnavailable
+from app.storage import create_store as create_bank_store
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,61 @@ logger = logging.getLogger(__name__)
 JobsFactory = Callable[[ProductCatalog, Predictor, Settings], JobRunner]
 
 DEMO_PRODUCT = "demo"
+# How often the store is pinged for readiness: often while it is down, rarely while it is up.
+STORE_RETRY_S = 1.0
+STORE_CHECK_S = 10.0
 
 
 def create_store(settings: Settings) -> BankStore:
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
-    return LocalBankStore(settings.models_dir)
+    """The configured bank store (local directory or S3); never touches the network."""
+    settings.models_dir.mkdir(parents=True, exist_ok=True)  # staging (and the S3 cache) live here too
+    return create_bank_store(settings)
+
+
+class StoreWatch:
+    """Pings the store in a background thread, so readiness reflects an outage without blocking a request."""
+
+    def __init__(self, store: BankStore):
+        self.store = store
+        self.reachable = False
+        self.error: str | None = None
+        self._changed = threading.Condition()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def check(self) -> bool:
+        try:
+            self.store.ping()
+        except StoreUnavailable as exc:
+            if self.reachable or self.error is None:
+                logger.error("bank store unavailable: %s", exc)
+            self.reachable, self.error = False, str(exc)
+        else:
+            if not self.reachable and self.error is not None:
+                logger.info("bank store reachable again")
+            self.reachable, self.error = True, None
+        with self._changed:
+            self._changed.notify_all()
+        return self.reachable
+
+    def wait_reachable(self) -> bool:
+        """Block until the store answers (True) or the service closes (False)."""
+        with self._changed:
+            while not self.reachable and not self._closed.is_set():
+                self._changed.wait(STORE_RETRY_S)
+        return self.reachable
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            self._closed.wait(STORE_CHECK_S if self.check() else STORE_RETRY_S)
 
 
 def _demo_images() -> list[Path] | None:
@@ -76,6 +127,7 @@ class Resources:
     staging: StagingArea
     catalog: ProductCatalog
     jobs: JobRunner
+    store_watch: StoreWatch
     watcher: PointerWatcher
     startup: Startup = field(default_factory=Startup)
 
@@ -99,14 +151,17 @@ class Resources:
                              min_images=settings.min_build_images, records_dir=settings.jobs_dir,
                              on_change=metrics.set_jobs)
         watcher = PointerWatcher(predictor.registry, settings.watch_interval_s)
-        resources = cls(settings, metrics, store, predictor, staging, catalog, jobs, watcher)
+        resources = cls(settings, metrics, store, predictor, staging, catalog, jobs, StoreWatch(store),
+                        watcher)
         predictor.start()
+        resources.store_watch.start()
         watcher.start()
         threading.Thread(target=resources._load, name="startup", daemon=True).start()
         return resources
 
     def close(self) -> None:
         self.watcher.close()
+        self.store_watch.close()
         self.jobs.close()
         self.predictor.close()
 
@@ -114,7 +169,8 @@ class Resources:
         return self.startup.done.wait(timeout)
 
     def checks(self) -> dict[str, bool]:
-        return {**self.predictor.checks(), "startup_complete": self.startup.complete}
+        return {**self.predictor.checks(), "store_reachable": self.store_watch.reachable,
+                "startup_complete": self.startup.complete}
 
     @property
     def ready(self) -> bool:
@@ -122,7 +178,16 @@ class Resources:
 
     def _load(self) -> None:
         try:
-            self.predictor.load()
+            # A store that is down at start (or goes down while banks load) delays readiness, never ends it.
+            while self.store_watch.wait_reachable():
+                try:
+                    self.predictor.load()
+                    break
+                except StoreUnavailable as exc:
+                    self.store_watch.check()
+                    logger.warning("bank store unavailable while loading banks (%s); retrying", exc)
+            else:
+                return
             self._build_demo_if_missing()
         except Exception as exc:
             self.startup.error = f"{type(exc).__name__}: {exc}"

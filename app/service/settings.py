@@ -35,6 +35,17 @@ class Settings(BaseSettings):
     # On when other processes (other replicas, build tasks, the CLI) can move the pointer.
     watch_interval_s: float = Field(default=0.0, ge=0.0, le=3600.0)
 
+    # ------------------------------------------------------------------ bank store (app/storage.py)
+    # "local": banks under models_dir; "s3": an S3-compatible bucket (credentials from the usual AWS_* variables).
+    store: Literal["local", "s3"] = "local"
+    s3_endpoint_url: str | None = None        # unset = AWS S3; e.g. http://127.0.0.1:8333 for SeaweedFS
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_region: str | None = None
+    # Local read-through cache of bank files (default models_dir/.s3-cache), least recently used out first.
+    s3_cache_dir: Path | None = None
+    s3_cache_max_mb: float = Field(default=2048.0, gt=0.0)
+
     # ------------------------------------------------------------------ admin access
     admin_api_key: SecretStr | None = None
     environment: Literal["production", "development"] = "production"
@@ -59,6 +70,9 @@ class Settings(BaseSettings):
     # Heatmaps, overlays and region boxes are computed on the photo scaled to fit this
     # side (aspect kept); boxes are given in the photo's own pixels.
     max_heatmap_side: int = Field(default=1024, ge=64, le=8192)
+    # Decoding memory for the whole process: decodes wait while their images' estimated
+    # footprint (7 bytes per pixel) would pass this, so concurrency cannot multiply it.
+    decode_memory_mb: int = Field(default=512, ge=64)
     # A client must deliver each chunk of its body within this time (slow-body guard).
     body_read_timeout_s: float = Field(default=30.0, gt=0.0)
     max_staging_images: int = Field(default=5_000, ge=1)
@@ -81,6 +95,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"PATCHCORE_ADMIN_API_KEY must be at least {MIN_ADMIN_KEY_LENGTH} characters"
             )
+        if self.store == "s3" and not self.s3_bucket:
+            raise ValueError("PATCHCORE_STORE=s3 needs PATCHCORE_S3_BUCKET")
         if self.dev_open_admin and self.environment != "development":
             raise ValueError(
                 "PATCHCORE_DEV_OPEN_ADMIN=true needs PATCHCORE_ENVIRONMENT=development"

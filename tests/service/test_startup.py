@@ -81,3 +81,21 @@ def test_demo_bank_is_built_on_a_fresh_machine_and_kept(tmp_path):
             assert http.get("/v1/products/demo").json()["version"] == demo_product["version"]
     finally:
         stop_server(again)
+
+
+def test_failed_products_report_no_server_paths(tmp_path, tile_bank):
+    store = LocalBankStore(tmp_path)
+    store.save("broken", tile_bank, activate=True)
+    _corrupt(tmp_path / "broken")
+    live = start_server(test_settings(tmp_path))
+    try:
+        with live.client() as http:
+            listing = http.get("/v1/products").text  # no key needed: must not leak the disk layout
+            assert str(tmp_path) not in listing and "/tmp" not in listing, listing
+            (failed,) = http.get("/v1/products").json()["failed"]
+            assert "version" not in failed or failed["version"], failed  # never null
+            refused = http.post("/v1/products/broken/predict", content=b"x",
+                                headers={"Content-Type": "image/png"})
+            assert refused.status_code == 503 and "/tmp" not in refused.text
+    finally:
+        stop_server(live)
