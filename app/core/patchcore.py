@@ -23,7 +23,7 @@ from app.core.coreset import coreset_size_for, greedy_coreset
 from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import BankIncompatible, BuildCancelled, NotEnoughImages
 from app.core.images import as_rgb_array, decode_image
-from app.core.knn import NearestNeighbourIndex
+from app.core.knn import SearchBackend, SearchIndex, SearchPrecision, create_index
 from app.core.scoring import score_patches, smoothed_maps, to_original_size
 
 ImageSource = Path | str | np.ndarray
@@ -157,7 +157,7 @@ def build_bank(
     timings["coreset_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    index = NearestNeighbourIndex(bank_features, use_gpu=embedder.device.type == "cuda")
+    index = create_index(bank_features, embedder.device)
     holdout_sources = [images[i] for i in holdout_ids]
     nominal_scores = _score_sources(embedder, index, holdout_sources, config, should_stop)
     calibration = calibrate_from_nominal(nominal_scores, config.false_alarm_rate, config.threshold_tail_margin)
@@ -184,7 +184,7 @@ def build_bank(
     return MemoryBank(features=bank_features, nominal_scores=nominal_scores, manifest=manifest)
 
 
-def _score_sources(embedder: PatchEmbedder, index: NearestNeighbourIndex, sources: Sequence[ImageSource],
+def _score_sources(embedder: PatchEmbedder, index: SearchIndex, sources: Sequence[ImageSource],
                    config: PatchCoreConfig, should_stop: Callable[[], bool] | None) -> np.ndarray:
     scores = []
     for batch in _batches(sources, config.batch_size):
@@ -199,7 +199,8 @@ class PatchCoreModel:
     """One product's bank, ready to score. Holds no process-global state, so many
     products (or replicas) can live side by side."""
 
-    def __init__(self, bank: MemoryBank, embedder: PatchEmbedder):
+    def __init__(self, bank: MemoryBank, embedder: PatchEmbedder, search_backend: SearchBackend = "auto",
+                 search_precision: SearchPrecision = "auto"):
         stored = EmbedderConfig.from_dict(bank.embedder)
         if stored != embedder.config:
             raise BankIncompatible(f"bank was built with {stored}, the embedder is {embedder.config}")
@@ -212,7 +213,8 @@ class PatchCoreModel:
         self.reweight_neighbours = int(config.get("reweight_neighbours", 0))
         self.gaussian_sigma = float(config.get("gaussian_sigma", 4.0))
         self.calibration = Calibration.from_dict(bank.calibration)
-        self.index = NearestNeighbourIndex(bank.features, use_gpu=embedder.device.type == "cuda")
+        # Exact search on the embedder's device (app.core.knn.create_index picks faiss or torch).
+        self.index = create_index(bank.features, embedder.device, search_backend, search_precision)
 
     @property
     def embedder_config(self) -> EmbedderConfig:
