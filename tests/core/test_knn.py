@@ -44,10 +44,14 @@ def test_low_precision_reranks_rows_the_products_misorder():
     """Rows whose bf16 distances tie or swap with the winner's must still give the exact winner."""
     rng = np.random.default_rng(1)
     base = rng.normal(size=152).astype(np.float32) + 5.0
-    # Rows differ from the base by a few 1e-3: far below bf16's resolution at |b| ~ 60.
-    bank = (base + 1e-3 * rng.normal(size=(2000, 152))).astype(np.float32)
-    queries = (base + 1e-3 * rng.normal(size=(64, 152))).astype(np.float32)
-    distances, ids = TorchExactIndex(bank, precision="bf16").search(queries)
+    # Two clusters at +-base (so |b| ~ 60 after centring); rows differ by ~0.01: below
+    # bf16's resolution of the products at that norm.
+    sign = np.where(np.arange(2000) % 2 == 0, 1.0, -1.0)[:, None]
+    bank = (sign * base + 1e-2 * rng.normal(size=(2000, 152))).astype(np.float32)
+    queries = (base + 1e-2 * rng.normal(size=(64, 152))).astype(np.float32)
+    index = TorchExactIndex(bank, precision="bf16", max_candidates=2000)
+    distances, ids = index.search(queries)
+    assert index.fallback_queries == 0
     ref_d, ref_i = _reference(queries, bank, 1)
     # bf16 products alone pick the wrong row for most of these queries ...
     q, b = torch.from_numpy(queries - bank.mean(0)), torch.from_numpy(bank - bank.mean(0))
