@@ -220,13 +220,21 @@ class PatchCoreModel:
     def embedder_config(self) -> EmbedderConfig:
         return self.embedder.config
 
-    def predict(self, images: Sequence[ImageSource]) -> list[Prediction]:
-        """Score a batch of images of any sizes; one Prediction per image, maps at original size."""
+    def predict(self, images: Sequence[ImageSource],
+                original_sizes: Sequence[tuple[int, int]] | None = None) -> list[Prediction]:
+        """Score a batch of images of any sizes; one Prediction per image, maps at original size.
+
+        `original_sizes` (H, W) per image: where the maps go when the arrays were decoded
+        at a reduced scale (images.decode_for_model); default: each array's own size.
+        """
         arrays = [_as_array(image) for image in images]
         if not arrays:
             return []
+        if original_sizes is not None and len(original_sizes) != len(arrays):
+            raise ValueError(f"{len(original_sizes)} original sizes for {len(arrays)} images")
         embeddings = self.embedder.embed(self.embedder.preprocess(arrays))
-        return self.predict_embeddings(embeddings, [a.shape[:2] for a in arrays])
+        sizes = original_sizes if original_sizes is not None else [a.shape[:2] for a in arrays]
+        return self.predict_embeddings(embeddings, sizes)
 
     def predict_embeddings(self, embeddings: torch.Tensor | np.ndarray,
                            original_sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
