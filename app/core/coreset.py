@@ -76,7 +76,7 @@ def greedy_coreset(
     if torch.device(device).type == "cuda":
         return _greedy_dense(torch.from_numpy(np.ascontiguousarray(points)).to(device), size, starts,
                              progress, should_stop)
-    return _greedy_pruned(np.ascontiguousarray(points), size, starts, progress, should_stop)
+    return _greedy_batched(np.ascontiguousarray(points), size, starts, progress, should_stop)
 
 
 def _report(progress: ProgressFn | None, should_stop: StopFn | None, done: int, total: int) -> None:
@@ -157,6 +157,68 @@ def _greedy_pruned(points: np.ndarray, size: int, starts: np.ndarray,
         if len(selected) % step == 0:
             _report(progress, should_stop, len(selected), size)
     return np.asarray(selected, dtype=np.int64)
+
+
+def _greedy_batched(points: np.ndarray, size: int, starts: np.ndarray,
+                    progress: ProgressFn | None, should_stop: StopFn | None,
+                    candidates: int = 256, chunk: int = 32768) -> np.ndarray:
+    """The greedy rule, many centres per pass over the points (exactly the same picks).
+
+    Take the `candidates` points farthest from the centres, in descending order
+    q1, q2, ... Greedy would pick q1; then q2 as long as q1 does not come closer
+    to q2 than q2's current distance d(q2), since every other point's distance
+    is <= d(q2) and can only shrink; and so on: q_j is greedy's next pick while
+    d(q_i, q_j) >= d(q_j) for every q_i taken before it in this round. The round
+    ends at the first q_j that fails (its distance changed). All points are then
+    updated against the round's new centres at once: one (chunk x d) @ (d x B)
+    matrix product instead of B matrix-vector passes, which is what makes it fast
+    (compute-bound instead of memory-bound).
+    """
+    n = points.shape[0]
+    norms = np.einsum("ij,ij->i", points, points)
+    min_dist = np.full(n, np.inf, dtype=points.dtype)  # squared distance to the nearest centre
+    selected: list[int] = []
+
+    def update(new: list[int]) -> None:
+        block = points[new]                      # (B, d)
+        block_norms = norms[new]
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            squared = points[rows] @ block.T     # (chunk, B)
+            squared *= -2.0
+            squared += norms[rows, None]
+            squared += block_norms[None, :]
+            np.minimum(min_dist[rows], squared.min(axis=1), out=min_dist[rows])
+        min_dist[new] = 0.0                      # exact zero even with rounding
+        selected.extend(new)
+
+    update([int(s) for s in starts])
+    np.maximum(min_dist, 0.0, out=min_dist)
+    reported = len(selected)
+    step = max(1, size // 100)
+    while len(selected) < size:
+        want = size - len(selected)
+        m = min(candidates, n)
+        top = np.argpartition(min_dist, n - m)[n - m:] if m < n else np.arange(n)
+        top = top[np.argsort(-min_dist[top], kind="stable")]
+        if min_dist[top[0]] <= 0:  # every point coincides with a centre: pad with unused points
+            unused = np.setdiff1d(np.arange(n), np.asarray(selected), assume_unique=True)
+            selected.extend(int(i) for i in unused[:want])
+            break
+        cand = points[top]
+        cand_norms = norms[top]
+        pair = cand_norms[:, None] + cand_norms[None, :] - 2.0 * (cand @ cand.T)  # squared, (m, m)
+        # q_j keeps its distance only if every q_i before it (all are taken, up to the
+        # first failure) is at least that far: compare with the column minimum above the diagonal.
+        pair[np.tril_indices(m)] = np.inf
+        fails = np.flatnonzero((pair.min(axis=0) < min_dist[top]) | (min_dist[top] <= 0))
+        taken = min(int(fails[0]) if len(fails) else m, want)
+        update([int(i) for i in top[:max(taken, 1)]])
+        np.maximum(min_dist, 0.0, out=min_dist)
+        if len(selected) - reported >= step:
+            reported = len(selected)
+            _report(progress, should_stop, len(selected), size)
+    return np.asarray(selected[:size], dtype=np.int64)
 
 
 def coverage_radius(features: np.ndarray, indices: np.ndarray, chunk: int = 8192) -> float:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from app.core.coreset import (
+    _greedy_batched,
     _greedy_dense,
     _greedy_pruned,
     coreset_size_for,
@@ -28,6 +29,15 @@ def test_pruned_selection_equals_dense_greedy():
     dense = _greedy_dense(torch.from_numpy(x), 300, starts, None, None)
     np.testing.assert_array_equal(pruned, dense)
     assert len(set(pruned.tolist())) == 300
+
+
+@pytest.mark.parametrize("candidates", [2, 16, 256])
+def test_batched_selection_equals_dense_greedy(candidates):
+    x = _clustered(seed=3).astype(np.float64)  # both in float64: no rounding ties
+    starts = np.array([5, 600, 3001])
+    batched = _greedy_batched(x, 400, starts, None, None, candidates=candidates, chunk=1000)
+    dense = _greedy_dense(torch.from_numpy(x), 400, starts, None, None)
+    np.testing.assert_array_equal(batched, dense)
 
 
 def test_greedy_covers_better_than_random():

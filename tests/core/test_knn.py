@@ -114,6 +114,7 @@ def test_selection():
     assert isinstance(create_index(bank, "cpu", "torch"), TorchExactIndex)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_search_equals_faiss():
     rng = np.random.default_rng(4)
