@@ -45,6 +45,26 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"),
                         choices=["auto", "cpu", "cuda"])
+    _add_runtime_options(parser)
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """How the backbone and the search run; never what they compute (banks do not record these)."""
+    parser.add_argument("--backbone-runtime", default=None, choices=["auto", "torch", "openvino"],
+                        help="default $PATCHCORE_BACKBONE_RUNTIME or auto (OpenVINO on a CPU when installed)")
+    parser.add_argument("--backbone-precision", default=None, choices=["auto", "f32", "bf16"],
+                        help="OpenVINO precision; default $PATCHCORE_BACKBONE_PRECISION or auto (bf16 on AMX)")
+    parser.add_argument("--search-backend", default="auto", choices=["auto", "faiss", "torch"],
+                        help="exact kNN search: auto = faiss GPU > torch on CUDA > faiss on the CPU")
+    parser.add_argument("--search-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="torch search products (exact fp32 re-rank either way); auto = bf16 on CUDA")
+
+
+def _embedder_from(args: argparse.Namespace, config):
+    from app.core.embedding import create_embedder
+
+    return create_embedder(config, device=args.device, weights_path=args.weights,
+                           runtime=args.backbone_runtime, precision=args.backbone_precision)
 
 
 def _config_from(args: argparse.Namespace):
@@ -80,7 +100,6 @@ class _Progress:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from app.core.embedding import create_embedder
     from app.core.evaluation import peak_rss_mb
     from app.core.images import list_images
     from app.core.patchcore import build_bank
@@ -92,7 +111,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     validation = None
     if args.validation:
         validation = _labelled_folder(Path(args.validation))
-    embedder = create_embedder(config.embedder, device=args.device, weights_path=args.weights)
+    embedder = _embedder_from(args, config.embedder)
     progress = _Progress()
     start = time.perf_counter()
     bank = build_bank(images, config, embedder, progress=progress, validation=validation)
@@ -120,7 +139,7 @@ def _labelled_folder(folder: Path) -> tuple[list[Path], list[int]]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from app.core.embedding import EmbedderConfig, create_embedder
+    from app.core.embedding import EmbedderConfig
     from app.core.images import decode_image
     from app.core.patchcore import PatchCoreModel
     from app.service.rendering import overlay_png
@@ -128,9 +147,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     store = LocalBankStore(_models_dir(args.models_dir))
     version, bank = store.load(args.product, args.version)
-    embedder = create_embedder(EmbedderConfig.from_dict(bank.embedder), device=args.device,
-                               weights_path=args.weights)
-    model = PatchCoreModel(bank, embedder)
+    embedder = _embedder_from(args, EmbedderConfig.from_dict(bank.embedder))
+    model = PatchCoreModel(bank, embedder, args.search_backend, args.search_precision)
     heatmap_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
     if heatmap_dir is not None:
         heatmap_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +169,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from app.core.embedding import create_embedder
     from app.core.evaluation import evaluate_category, read_category
 
     config = _config_from(args)
@@ -160,9 +177,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     mask_threshold = args.mask_threshold
     if mask_threshold is None:
         mask_threshold = 127 if args.category == "magnetic_tile" else 0
-    embedder = create_embedder(config.embedder, device=args.device, weights_path=args.weights)
+    embedder = _embedder_from(args, config.embedder)
     progress = _Progress()
-    result = evaluate_category(category, config, embedder, mask_threshold=mask_threshold, progress=progress)
+    result = evaluate_category(category, config, embedder, mask_threshold=mask_threshold, progress=progress,
+                               search=(args.search_backend, args.search_precision))
     progress.close()
     result["mask_threshold"] = mask_threshold
     text = json.dumps(result, indent=2)
@@ -218,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"),
                          choices=["auto", "cpu", "cuda"])
     predict.add_argument("--fail-on-anomaly", action="store_true", help="exit 1 when any image is anomalous")
+    _add_runtime_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("eval", help="accuracy and speed on an MVTec-layout category")

@@ -80,6 +80,7 @@ def evaluate_category(
     mask_threshold: int = 0,
     progress: Callable[[str, float], None] | None = None,
     bins: int = 1 << 16,
+    search: tuple[str, str] = ("auto", "auto"),
 ) -> dict:
     """Build from train/good, score test/ one image at a time, return metrics and timings."""
     from sklearn.metrics import roc_auc_score
@@ -88,7 +89,7 @@ def evaluate_category(
     bank = build_bank(category.train, config, embedder, progress=progress)
     build_seconds = time.perf_counter() - start
     build_peak = peak_rss_mb()
-    model = PatchCoreModel(bank, embedder)
+    model = PatchCoreModel(bank, embedder, search[0], search[1])  # type: ignore[arg-type]
 
     has_masks = category.has_masks
     scores, labels, types, maps, masks, decisions = [], [], [], [], [], []
@@ -132,6 +133,9 @@ def evaluate_category(
         "backbone": config.embedder.backbone,
         "image_size": config.embedder.image_size,
         "feature_dim": embedder.feature_dim,
+        "backbone_runtime": embedder.runtime,
+        "backbone_precision": embedder.precision,
+        "search": model.index.describe() if hasattr(model.index, "describe") else None,
         "coreset_ratio": config.coreset_ratio,
         "seed": config.seed,
         "test_images": len(scores),

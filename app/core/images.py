@@ -113,10 +113,11 @@ def decode_for_model(data: bytes | Path | str, *, max_pixels: int | None = DEFAU
     size, which is why it is returned.
     """
     if isinstance(data, Path | str):
+        path = Path(data)
         try:
-            data = Path(data).read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise InvalidImage(f"cannot read image file: {exc}") from exc
+            raise InvalidImage(f"cannot read image file {path.name!r}: {exc.strerror}") from exc
     if min_side is not None and data[:3] == b"\xff\xd8\xff":
         reduced = _decode_jpeg_reduced(data, max_pixels, int(min_side))
         if reduced is not None:
@@ -159,9 +160,11 @@ def _decode_jpeg_reduced(data: bytes, max_pixels: int | None,
     except (ImageTooLarge, InvalidImage):
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImage(f"cannot decode image: {exc}") from exc
+        raise ImageTooLarge(f"image is too large to decode ({_reason(exc)})") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # as decode_image: every decoder failure is the client's image
+        raise InvalidImage(f"cannot decode image ({_reason(exc)})") from exc
 
 
 def _decode_png_fast(data: bytes) -> np.ndarray | None:
