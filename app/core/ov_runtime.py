@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ BackbonePrecision = Literal["auto", "f32", "bf16"]
 RUNTIMES: tuple[str, ...] = ("auto", "torch", "openvino")
 PRECISIONS: tuple[str, ...] = ("auto", "f32", "bf16")
 _FORMAT = 1  # bump when the export itself changes
+logger = logging.getLogger(__name__)
 
 
 def openvino_version() -> str | None:
@@ -153,9 +155,19 @@ class OpenVINOStages:
         self.cache_path = cache_root / "openvino" / cache_key(backbone, self.image_size, self.weights_sha256,
                                                               self.version)
         self.loaded_from_cache = self._valid(self.cache_path)
-        if not self.loaded_from_cache:
-            self._export(module, self.cache_path)
-        model = _core().read_model(str(self.cache_path / "model.xml"))
+        self.cache_error: str | None = None
+        if self.loaded_from_cache:
+            model = _core().read_model(str(self.cache_path / "model.xml"))
+        else:
+            model = self._convert(module)
+            try:
+                self._save(model, self.cache_path)
+            except (OSError, RuntimeError) as exc:  # RuntimeError: OpenVINO's own write errors
+                # A read-only or full cache directory costs the next start a conversion,
+                # never this one its backbone: the converted graph is used from memory.
+                self.cache_error = f"{type(exc).__name__}: {exc}"
+                logger.warning("OpenVINO cache %s not written (%s); using the conversion in memory",
+                               self.cache_path, self.cache_error)
         self.threads = int(threads or torch.get_num_threads())
         self._compiled = _core().compile_model(model, "CPU", {
             "INFERENCE_PRECISION_HINT": precision,
@@ -175,10 +187,9 @@ class OpenVINOStages:
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
-    def _export(self, module: nn.Module, target: Path) -> None:
+    def _convert(self, module: nn.Module):
         import openvino
 
-        target.parent.mkdir(parents=True, exist_ok=True)
         size = self.image_size
         example = torch.zeros(1, 3, size, size)
         module = module.to("cpu").eval()
@@ -186,8 +197,14 @@ class OpenVINOStages:
             # torch.jit.trace (used by the converter) warns that it is deprecated.
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            model = openvino.convert_model(module, example_input=example,
-                                           input=[openvino.PartialShape([-1, 3, size, size])])
+            return openvino.convert_model(module, example_input=example,
+                                          input=[openvino.PartialShape([-1, 3, size, size])])
+
+    def _save(self, model, target: Path) -> None:
+        import openvino
+
+        size = self.image_size
+        target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
         try:
             openvino.save_model(model, str(staging / "model.xml"), compress_to_fp16=False)
@@ -216,4 +233,4 @@ class OpenVINOStages:
 
     def describe(self) -> dict:
         return {"runtime": "openvino", "precision": self.precision, "openvino": self.version,
-                "threads": self.threads, "cache": str(self.cache_path)}
+                "threads": self.threads, "cache": str(self.cache_path), "cache_error": self.cache_error}

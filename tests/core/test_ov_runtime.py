@@ -93,6 +93,18 @@ def test_export_is_cached_checked_and_keyed(tmp_path):
                 cache_key("efficientnet_lite0", 64, first.weights_sha256, "2099.1.0")}) == 4
 
 
+def test_unwritable_cache_still_gives_a_backbone(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory should be")
+    module = load_backbone("efficientnet_lite0")
+    stages = OpenVINOStages(module, "efficientnet_lite0", 64, cache_dir=blocker)
+    assert stages.cache_error is not None and not stages.loaded_from_cache
+    with torch.inference_mode():
+        want = module(torch.ones(1, 3, 64, 64))
+    for got, ref in zip(stages(torch.ones(1, 3, 64, 64)), want, strict=True):
+        assert _relative(got, ref) < F32_TOLERANCE
+
+
 def test_runtime_selection(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("PATCHCORE_BACKBONE_RUNTIME", raising=False)
