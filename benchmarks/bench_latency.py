@@ -43,6 +43,7 @@ from PIL import Image  # noqa: E402
 from app.core.embedding import EmbedderConfig, PatchEmbedder, create_embedder  # noqa: E402
 from app.core.images import decode_for_model, decode_image  # noqa: E402
 from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank  # noqa: E402
+from app.storage import LocalBankStore  # noqa: E402
 
 
 @dataclass
@@ -98,6 +99,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20, help="test images (every 4th of bottle/test)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch (and OpenVINO) threads; default torch's own (the core count)")
+    parser.add_argument("--bank", type=Path, default=None,
+                        help="load this product's active bank from a models dir (MODELS/PRODUCT) instead of "
+                             "building one from bottle/train/good")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -107,12 +113,20 @@ def main() -> None:
     if not train or not tests:
         sys.exit(f"no bottle images under {args.data}")
     variants = [v for v in VARIANTS if v.name in args.variants]
-    config = PatchCoreConfig()
-    builder = create_embedder(config.embedder, device="cpu", runtime="openvino", precision="f32")
-    started = time.perf_counter()
-    bank = build_bank(train, config, builder)
-    print(f"bank: {len(train)} images, {bank.size} features, built in {time.perf_counter() - started:.1f} s",
-          flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.bank is not None:
+        _, bank = LocalBankStore(args.bank.parent).load(args.bank.name)
+        if EmbedderConfig.from_dict(bank.embedder) != EmbedderConfig():
+            sys.exit("the bank must use the default embedder settings")
+        print(f"bank: loaded {args.bank}, {bank.size} features", flush=True)
+    else:
+        config = PatchCoreConfig()
+        builder = create_embedder(config.embedder, device="cpu", runtime="openvino", precision="f32")
+        started = time.perf_counter()
+        bank = build_bank(train, config, builder)
+        print(f"bank: {len(train)} images, {bank.size} features, built in {time.perf_counter() - started:.1f} s",
+              flush=True)
 
     embedders: dict[tuple[str, str], PatchEmbedder] = {}
     models: dict[str, PatchCoreModel] = {}
