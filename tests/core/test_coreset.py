@@ -116,5 +116,5 @@ def test_continuation_stops_at_the_radius_and_covers_the_candidates():
     centres = np.concatenate([base[first.indices], new[capped.indices]])
     assert coverage_radius(np.concatenate([centres, x]), np.arange(len(centres))) <= first.radius * (1 + 1e-5)
     sized = continue_coreset(base[first.indices], new, 100, projection_dim=None)
-    assert len(sized.indices) == 100 and sized.radius > capped.radius
+    assert len(capped.indices) < 100 and len(sized.indices) == 100 and sized.radius < capped.radius
     assert len(continue_coreset(base[first.indices], new[:0], 10).indices) == 0
