@@ -241,6 +241,11 @@ def _greedy_pruned(points: np.ndarray, size: int, starts: np.ndarray,
                 selected.extend(int(i) for i in unused[: size - len(selected)])
             break
         k = m + len(selected)
+        if k >= n:  # (an append onto a large bank) reading every point costs less than every centre
+            add_centre(nxt, None)
+            if len(selected) % step == 0:
+                _report(progress, should_stop, len(selected), size)
+            continue
         # Triangle inequality: d(x, p) >= d(c_x, p) - d(x, c_x), so x can only move to
         # the new centre p when d(c_x, p) < 2 d(x, c_x). Only scalars are read for this
         # test; the D-dim vectors are read for the few points that pass it.

@@ -88,22 +88,23 @@ def test_continuing_from_the_first_centres_gives_the_rest_of_the_greedy_sequence
     np.testing.assert_array_equal(rest.indices, full[120:])
 
 
-def test_continuation_dense_equals_pruned_and_respects_the_projection():
+@pytest.mark.parametrize("candidates", [1500, 100])  # 100 < existing centres: every step a full pass
+def test_continuation_dense_equals_pruned_and_respects_the_projection(candidates):
     x = _clustered(dim=160)
-    base, new = x[:2500], x[2500:]
+    base, new = x[:2500], x[2500:2500 + candidates]
     first = select_coreset(base, 150, projection_dim=128, seed=5)
-    pruned = continue_coreset(base[first.indices], new, 120, projection_dim=128, seed=5)
+    pruned = continue_coreset(base[first.indices], new, 60, projection_dim=128, seed=5)
     # The dense rule on the same projected state (what CUDA runs).
     points = random_projection(new, 128, 5)
     centres = random_projection(base[first.indices], 128, 5)
     init = torch.cdist(torch.from_numpy(points).double(), torch.from_numpy(centres).double()).min(1).values
-    dense, dense_radius = _greedy_dense(torch.from_numpy(points).double(), 120, np.zeros(0, np.int64), None, None,
+    dense, dense_radius = _greedy_dense(torch.from_numpy(points).double(), 60, np.zeros(0, np.int64), None, None,
                                         init)
     # float32 (faiss) vs float64 state: near-ties may swap order, never the chosen set.
-    assert set(pruned.indices.tolist()) == set(dense.tolist())
+    assert len(pruned.indices) == 60 and set(pruned.indices.tolist()) == set(dense.tolist())
     assert pruned.radius == pytest.approx(dense_radius, rel=1e-5)
     # A different projection seed selects differently: the lineage's seed matters.
-    assert not np.array_equal(continue_coreset(base[first.indices], new, 120, seed=6).indices, pruned.indices)
+    assert not np.array_equal(continue_coreset(base[first.indices], new, 60, seed=6).indices, pruned.indices)
 
 
 def test_continuation_stops_at_the_radius_and_covers_the_candidates():
