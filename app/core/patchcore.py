@@ -139,8 +139,12 @@ def build_bank(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     validation: tuple[Sequence[ImageSource], Sequence[int]] | None = None,
+    image_ids: Sequence[str] | None = None,
 ) -> MemoryBank:
     """Build a calibrated memory bank from nominal images.
+
+    `image_ids` (e.g. content hashes of the images) go into the lineage, so that a
+    later append can skip images the bank already descends from.
 
     `validation` = (images, labels with 1 = defective) switches the threshold to F1-optimal.
     progress(phase, fraction) is called with phases features, coreset, calibration.
@@ -192,7 +196,7 @@ def build_bank(
                     "seed": config.seed, "coverage_radius": selection.radius},
         "images": {"fit": len(fit_ids), "holdout": len(holdout_ids)},
         "lineage": {"images": len(images), "images_in_bank": len(fit_ids), "total_patches": int(total_patches),
-                    "base_versions": [],
+                    "base_versions": [], "image_ids": list(image_ids or []),
                     "steps": [{"mode": "full", "created_at": created_at, "fit": len(fit_ids),
                                "holdout": len(holdout_ids), "patches": int(total_patches)}]},
         "calibration": calibration.to_dict(),
@@ -245,6 +249,7 @@ def append_to_bank(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     validation: tuple[Sequence[ImageSource], Sequence[int]] | None = None,
+    image_ids: Sequence[str] | None = None,
 ) -> MemoryBank:
     """A new bank from `base_bank` plus new nominal images, without the base's images.
 
@@ -360,6 +365,7 @@ def append_to_bank(
     lineage["images_in_bank"] = int(lineage.get("images_in_bank", 0)) + count
     lineage["total_patches"] = total_patches if base_total is not None else None
     lineage["base_versions"] = [base_version, *lineage.get("base_versions", [])]
+    lineage["image_ids"] = [*lineage.get("image_ids", []), *(image_ids or [])]
     lineage["steps"].append({"mode": "append", "created_at": created_at, "base_version": base_version,
                              "images": count, "fit": len(fit_ids), "holdout": len(holdout_ids),
                              "patches": count * per_image, "new_entries": added, "until": until,
