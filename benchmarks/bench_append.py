@@ -104,7 +104,8 @@ def part_shift(data: Path, embedder: PatchEmbedder, config: PatchCoreConfig, new
     return result
 
 
-def part_halves(data: Path, embedder: PatchEmbedder, config: PatchCoreConfig, category_name: str) -> dict:
+def part_halves(data: Path, embedder: PatchEmbedder, config: PatchCoreConfig, category_name: str,
+                full_json: Path | None = None) -> dict:
     category = read_category(data, category_name)
     mask_threshold = 127 if category_name == "magnetic_tile" else 0
     order = np.random.default_rng(0).permutation(len(category.train))
@@ -113,10 +114,18 @@ def part_halves(data: Path, embedder: PatchEmbedder, config: PatchCoreConfig, ca
     second = [category.train[i] for i in sorted(order[half:])]
     result: dict = {"category": category_name, "images": [len(first), len(second)]}
 
-    start = time.perf_counter()
-    full = build_bank(category.train, config, embedder)
-    full_seconds = time.perf_counter() - start
-    full_eval = evaluate_bank(full, category, embedder, mask_threshold=mask_threshold)
+    if full_json is not None:
+        # The full build's figures from an earlier `python -m app eval` run with the same
+        # settings (same code path and seed: the same bank), to save its ~10 CPU minutes.
+        full_eval = json.loads(full_json.read_text())
+        full_size, full_seconds, full_threshold = full_eval["bank_size"], full_eval["build_seconds"], None
+        result["full_source"] = str(full_json)
+    else:
+        start = time.perf_counter()
+        full = build_bank(category.train, config, embedder)
+        full_seconds = time.perf_counter() - start
+        full_eval = evaluate_bank(full, category, embedder, mask_threshold=mask_threshold)
+        full_size, full_threshold = full.size, full.threshold
     print(f"full: {full_seconds:.0f} s, {full_eval['image_auroc']:.4f} / {full_eval['pixel_auroc']:.4f}",
           file=sys.stderr, flush=True)
 
@@ -128,20 +137,21 @@ def part_halves(data: Path, embedder: PatchEmbedder, config: PatchCoreConfig, ca
     append_seconds = time.perf_counter() - start
     stepped_eval = evaluate_bank(stepped, category, embedder, mask_threshold=mask_threshold)
 
-    def summary(bank, evaluation, seconds):
-        return {"bank_size": bank.size, "image_auroc": round(evaluation["image_auroc"], 4),
-                "pixel_auroc": round(evaluation["pixel_auroc"], 4), "threshold": round(bank.threshold, 4),
-                "f1": round(evaluation["at_threshold"]["f1"], 4), "build_s": seconds,
-                "timings": bank.manifest["timings"]}
+    def summary(size, threshold, evaluation, seconds):
+        return {"bank_size": size, "image_auroc": round(evaluation["image_auroc"], 4),
+                "pixel_auroc": round(evaluation["pixel_auroc"], 4),
+                "threshold": None if threshold is None else round(threshold, 4),
+                "f1": round(evaluation["at_threshold"]["f1"], 4), "build_s": seconds}
 
-    result["full"] = summary(full, full_eval, round(full_seconds, 1))
-    result["half_then_append"] = summary(stepped, stepped_eval,
+    result["full"] = summary(full_size, full_threshold, full_eval, round(full_seconds, 1))
+    result["half_then_append"] = summary(stepped.size, stepped.threshold, stepped_eval,
                                          {"half": round(base_seconds, 1), "append": round(append_seconds, 1)})
+    result["half_then_append"]["timings"] = {"half": base.manifest["timings"], "append": stepped.manifest["timings"]}
     result["half_bank_size"] = base.size
     result["delta"] = {
         "image_auroc": round(stepped_eval["image_auroc"] - full_eval["image_auroc"], 4),
         "pixel_auroc": round(stepped_eval["pixel_auroc"] - full_eval["pixel_auroc"], 4),
-        "bank_size_rel": round(stepped.size / full.size - 1, 4),
+        "bank_size_rel": round(stepped.size / full_size - 1, 4),
     }
     return result
 
@@ -151,6 +161,8 @@ def main() -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--part", choices=["speed", "shift", "halves"], required=True)
     parser.add_argument("--category", default="magnetic_tile", help="for --part halves")
+    parser.add_argument("--full-json", default=None,
+                        help="halves: take the full build's figures from this `app eval` JSON (same settings)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--new", type=int, default=None, help="images appended (speed: 10, shift: 20)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -164,7 +176,8 @@ def main() -> int:
     elif args.part == "shift":
         result = part_shift(data, embedder, config, args.new or 20)
     else:
-        result = part_halves(data, embedder, config, args.category)
+        result = part_halves(data, embedder, config, args.category,
+                             Path(args.full_json) if args.full_json else None)
     result["command"] = "python " + " ".join(sys.argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
