@@ -4,7 +4,7 @@
     python -m app build --product NAME --images NEW_DIR --append [--base-version V]
     python -m app predict --product NAME IMAGE... [--heatmap-dir DIR]
     python -m app eval --data ROOT --category C [--json OUT]
-    python -m app serve [--host H] [--port P]
+    python -m app serve [--host H] [--port P] [--engine uvicorn|ray]
     python -m app simulate --url URL --product P --images DIR
 """
 
@@ -47,6 +47,26 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"),
                         choices=["auto", "cpu", "cuda"])
+    _add_runtime_options(parser)
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """How the backbone and the search run; never what they compute (banks do not record these)."""
+    parser.add_argument("--backbone-runtime", default=None, choices=["auto", "torch", "openvino"],
+                        help="default $PATCHCORE_BACKBONE_RUNTIME or auto (OpenVINO on a CPU when installed)")
+    parser.add_argument("--backbone-precision", default=None, choices=["auto", "f32", "bf16"],
+                        help="OpenVINO precision; default $PATCHCORE_BACKBONE_PRECISION or auto (bf16 on AMX)")
+    parser.add_argument("--search-backend", default="auto", choices=["auto", "faiss", "torch"],
+                        help="exact kNN search: auto = faiss GPU > torch on CUDA > faiss on the CPU")
+    parser.add_argument("--search-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="torch search products (exact fp32 re-rank either way); auto = bf16 on CUDA")
+
+
+def _embedder_from(args: argparse.Namespace, config):
+    from app.core.embedding import create_embedder
+
+    return create_embedder(config, device=args.device, weights_path=args.weights,
+                           runtime=args.backbone_runtime, precision=args.backbone_precision)
 
 
 def _config_from(args: argparse.Namespace):
@@ -83,7 +103,6 @@ class _Progress:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from app.core.embedding import create_embedder
     from app.core.evaluation import peak_rss_mb
     from app.core.images import list_images
     from app.core.patchcore import build_bank
@@ -100,7 +119,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.append:
         return _append(args, store, images, validation)
     config = _config_from(args)
-    embedder = create_embedder(config.embedder, device=args.device, weights_path=args.weights)
+    embedder = _embedder_from(args, config.embedder)
     progress = _Progress()
     start = time.perf_counter()
     bank = build_bank(images, config, embedder, progress=progress, validation=validation)
@@ -116,7 +135,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _append(args: argparse.Namespace, store, images, validation) -> int:
     """Append build: the base bank's own backbone and feature settings; ratio, size, seed may change."""
-    from app.core.embedding import EmbedderConfig, create_embedder
+    from app.core.embedding import EmbedderConfig
     from app.core.evaluation import peak_rss_mb
     from app.core.patchcore import append_config, append_to_bank
 
@@ -127,8 +146,7 @@ def _append(args: argparse.Namespace, store, images, validation) -> int:
     if args.coreset_size is not None:
         overrides["coreset_size"] = args.coreset_size
     config = append_config(base, **overrides)
-    embedder = create_embedder(EmbedderConfig.from_dict(base.embedder), device=args.device,
-                               weights_path=args.weights)
+    embedder = _embedder_from(args, EmbedderConfig.from_dict(base.embedder))
     progress = _Progress()
     start = time.perf_counter()
     bank = append_to_bank(base, images, config, embedder, base_version=base_version, until=args.until,
@@ -160,7 +178,7 @@ def _labelled_folder(folder: Path) -> tuple[list[Path], list[int]]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from app.core.embedding import EmbedderConfig, create_embedder
+    from app.core.embedding import EmbedderConfig
     from app.core.images import decode_image
     from app.core.patchcore import PatchCoreModel
     from app.service.rendering import overlay_png
@@ -168,9 +186,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     store = LocalBankStore(_models_dir(args.models_dir))
     version, bank = store.load(args.product, args.version)
-    embedder = create_embedder(EmbedderConfig.from_dict(bank.embedder), device=args.device,
-                               weights_path=args.weights)
-    model = PatchCoreModel(bank, embedder)
+    embedder = _embedder_from(args, EmbedderConfig.from_dict(bank.embedder))
+    model = PatchCoreModel(bank, embedder, args.search_backend, args.search_precision)
     heatmap_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
     if heatmap_dir is not None:
         heatmap_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +208,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from app.core.embedding import create_embedder
     from app.core.evaluation import evaluate_category, read_category
 
     config = _config_from(args)
@@ -200,9 +216,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     mask_threshold = args.mask_threshold
     if mask_threshold is None:
         mask_threshold = 127 if args.category == "magnetic_tile" else 0
-    embedder = create_embedder(config.embedder, device=args.device, weights_path=args.weights)
+    embedder = _embedder_from(args, config.embedder)
     progress = _Progress()
-    result = evaluate_category(category, config, embedder, mask_threshold=mask_threshold, progress=progress)
+    result = evaluate_category(category, config, embedder, mask_threshold=mask_threshold, progress=progress,
+                               search=(args.search_backend, args.search_precision))
     progress.close()
     result["mask_threshold"] = mask_threshold
     text = json.dumps(result, indent=2)
@@ -214,6 +231,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        from app.cluster.serve_app import deploy
+
+        deploy(address=args.address, host=args.host, port=args.port, replicas=args.replicas,
+               num_cpus=args.num_cpus, detach=args.detach)
+        return 0
     from app.service.api import serve
 
     serve(host=args.host, port=args.port)
@@ -258,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"),
                          choices=["auto", "cpu", "cuda"])
     predict.add_argument("--fail-on-anomaly", action="store_true", help="exit 1 when any image is anomalous")
+    _add_runtime_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("eval", help="accuracy and speed on an MVTec-layout category")
@@ -272,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the REST service")
     serve.add_argument("--host", default=os.environ.get("PATCHCORE_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("PATCHCORE_PORT", "8000")))
+    serve.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
+                       help="uvicorn: one process (default); ray: Ray Serve replicas (pip install -e '.[ray]')")
+    serve.add_argument("--address", default=None,
+                       help="ray: the cluster to join (HOST:PORT or auto); default starts a local one")
+    serve.add_argument("--replicas", type=int, default=None, help="ray: fixed replicas (default autoscaling 1-4)")
+    serve.add_argument("--num-cpus", type=float, default=1.0, help="ray: CPUs reserved per replica")
+    serve.add_argument("--detach", action="store_true",
+                       help="ray: return once deployed; the app stays on the cluster")
     serve.set_defaults(func=cmd_serve)
 
     from app.simulate import build_parser as build_simulate_parser

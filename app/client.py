@@ -46,6 +46,22 @@ def _raise_for(response: httpx.Response) -> None:
                             float(retry) if retry and retry.isdigit() else None)
 
 
+def _lost_on_the_way(response: httpx.Response) -> bool:
+    """A 5xx that the service did not write (no error JSON): a gateway's answer, e.g. Ray Serve's
+    proxy when the replica died mid-request, or 502/503/504 from a load balancer."""
+    if response.status_code not in (500, 502, 503, 504):
+        return False
+    try:
+        return not isinstance(response.json().get("error"), dict)
+    except (ValueError, AttributeError):
+        return True
+
+
+# Connection refused/reset, a dropped keep-alive connection, a read cut short.
+_RETRIABLE = (httpx.TransportError,)
+RETRY_BACKOFF_S = 0.05
+
+
 def _json(response: httpx.Response) -> Any:
     _raise_for(response)
     return None if response.status_code == 204 or not response.content else response.json()
@@ -94,12 +110,32 @@ _TERMINAL = ("succeeded", "failed", "cancelled", "interrupted")
 
 
 class PatchCoreClient:
-    """Synchronous client. `transport` lets tests pass an in-process transport."""
+    """Synchronous client. `transport` lets tests pass an in-process transport.
+
+    `retries`: predictions are idempotent, so `predict`/`predict_many` send again (up to
+    `retries` more times, short backoff) after a connection error or a gateway's 5xx
+    (a replica lost mid-request). Service errors (4xx, the service's own 5xx) never retry.
+    """
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, retries: int = 0):
         self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport,
                                   headers=_headers(api_key))
+        self.retries = retries
+
+    def _post_idempotent(self, url: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self._http.post(url, **kwargs)
+            except _RETRIABLE:
+                if last:
+                    raise
+            else:
+                if last or not _lost_on_the_way(response):
+                    return response
+            time.sleep(RETRY_BACKOFF_S * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         self._http.close()
@@ -115,17 +151,17 @@ class PatchCoreClient:
                 regions: bool = False) -> dict:
         """Score one image (sent as a raw body); returns its result."""
         data, kind = _raw_image(image)
-        response = self._http.post(f"/v1/products/{product}/predict", content=data,
-                                   headers={"Content-Type": kind},
-                                   params=_predict_params(heatmap, regions))
+        response = self._post_idempotent(f"/v1/products/{product}/predict", content=data,
+                                         headers={"Content-Type": kind},
+                                         params=_predict_params(heatmap, regions))
         return _json(response)["results"][0]
 
     def predict_many(self, product: str, images: Sequence[ImageInput], heatmap: str = "png",
                      regions: bool = False) -> list[dict]:
         """Score several images in one multipart request; results in input order."""
         files = [_file_part(image, i) for i, image in enumerate(images)]
-        response = self._http.post(f"/v1/products/{product}/predict", files=files,
-                                   params=_predict_params(heatmap, regions))
+        response = self._post_idempotent(f"/v1/products/{product}/predict", files=files,
+                                         params=_predict_params(heatmap, regions))
         return _json(response)["results"]
 
     # ---------------------------------------------------------------- products
@@ -204,9 +240,24 @@ class AsyncPatchCoreClient:
     """Asynchronous client with the same methods as PatchCoreClient."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, retries: int = 0):
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport,
                                        headers=_headers(api_key))
+        self.retries = retries
+
+    async def _post_idempotent(self, url: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = await self._http.post(url, **kwargs)
+            except _RETRIABLE:
+                if last:
+                    raise
+            else:
+                if last or not _lost_on_the_way(response):
+                    return response
+            await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -220,16 +271,16 @@ class AsyncPatchCoreClient:
     async def predict(self, product: str, image: ImageInput, heatmap: str = "png",
                       regions: bool = False) -> dict:
         data, kind = _raw_image(image)
-        response = await self._http.post(f"/v1/products/{product}/predict", content=data,
-                                         headers={"Content-Type": kind},
-                                         params=_predict_params(heatmap, regions))
+        response = await self._post_idempotent(f"/v1/products/{product}/predict", content=data,
+                                               headers={"Content-Type": kind},
+                                               params=_predict_params(heatmap, regions))
         return _json(response)["results"][0]
 
     async def predict_many(self, product: str, images: Sequence[ImageInput],
                            heatmap: str = "png", regions: bool = False) -> list[dict]:
         files = [_file_part(image, i) for i, image in enumerate(images)]
-        response = await self._http.post(f"/v1/products/{product}/predict", files=files,
-                                         params=_predict_params(heatmap, regions))
+        response = await self._post_idempotent(f"/v1/products/{product}/predict", files=files,
+                                               params=_predict_params(heatmap, regions))
         return _json(response)["results"]
 
     async def products(self) -> dict:

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import math
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -44,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 # Importing anything from `app` runs app/__init__ first, which sets OPENBLAS_CORETYPE
 # before faiss (and its OpenBLAS) loads, as in the service; torch does not load faiss.
@@ -88,11 +91,13 @@ serve("127.0.0.1", {port})
 
 
 def start_service(models: Path, device: str, batch: int, wait_ms: float, queue: int,
-                  info: Path) -> tuple[subprocess.Popen, str]:
+                  info: Path, decode_threads: int | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**child_env(device), "PATCHCORE_MODELS_DIR": str(models),
            "PATCHCORE_MAX_BATCH_SIZE": str(batch), "PATCHCORE_MAX_WAIT_MS": str(wait_ms),
            "PATCHCORE_QUEUE_SIZE": str(queue)}
+    if decode_threads:
+        env["PATCHCORE_DECODE_THREADS"] = str(decode_threads)
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 -- a pipe nobody reads could fill and stall the server
     process = subprocess.Popen(
         [sys.executable, "-c", SERVICE_CHILD.format(port=port), str(info)],
@@ -113,15 +118,40 @@ def start_service(models: Path, device: str, batch: int, wait_ms: float, queue: 
     raise RuntimeError("service did not become ready")
 
 
+def encode_body(path: Path, image_format: str) -> bytes:
+    if image_format == "png":
+        return path.read_bytes()
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def gpu_memory_mb(pid: int) -> float | None:
+    """GPU memory the service process holds (nvidia-smi), None without a GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        text = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                               "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                              timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid):
+            return float(parts[1])
+    return None
+
+
 async def load(url: str, images: list[bytes], concurrency: int, total: int,
-               max_seconds: float) -> dict:
+               max_seconds: float, content_type: str = "image/png") -> dict:
     """`total` requests from `concurrency` clients, stopping early after `max_seconds`."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
     failures: list[str] = []
     counter = iter(range(total))
     params = {"heatmap": "none"}
-    headers = {"Content-Type": "image/png"}
+    headers = {"Content-Type": content_type}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         path = f"/v1/products/{PRODUCT}/predict"
@@ -251,6 +281,12 @@ def main() -> None:
     parser.add_argument("--max-seconds-per-level", type=float, default=None,
                         help="stop a level early after this long (default 20, quick 10)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--image-size", type=int, default=224, help="model input size (tiny checks: 64)")
+    parser.add_argument("--image-format", choices=["png", "jpeg"], default="png",
+                        help="request bodies: the PNG files, or the same images as JPEG (quality 95)")
+    parser.add_argument("--decode-threads", type=int, default=None,
+                        help="PATCHCORE_DECODE_THREADS for the service (default: the service's)")
+    parser.add_argument("--markdown", type=Path, help="also write the tables here")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"))
@@ -272,30 +308,36 @@ def main() -> None:
     tests = sorted((args.data / "bottle" / "test").glob("*/*.png"))[::8][:16]
     if not train or not tests:
         sys.exit(f"no bottle images under {args.data}")
-    images = [p.read_bytes() for p in tests]
+    images = [encode_body(p, args.image_format) for p in tests]
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         models = tmp / "models"
-        config = PatchCoreConfig(coreset_ratio=args.coreset_ratio)
+        config = PatchCoreConfig(embedder=EmbedderConfig(image_size=args.image_size),
+                                 coreset_ratio=args.coreset_ratio)
         embedder = create_embedder(config.embedder, device=args.device)
         started = time.perf_counter()
         bank = build_bank(train, config, embedder)
         print(f"bank: {len(train)} images, {len(bank.features)} features, "
               f"built in {time.perf_counter() - started:.1f} s", flush=True)
         LocalBankStore(models).save(PRODUCT, bank, activate=True)
+        bank_size = len(bank.features)
         del bank, embedder
 
         rows = []
         service_info: dict = {}
         for mode, batch, wait in (("on", args.max_batch_size, args.max_wait_ms), ("off", 1, 0.0)):
             info = tmp / f"service-{mode}.json"
-            process, url = start_service(models, args.device, batch, wait, queue=256, info=info)
+            process, url = start_service(models, args.device, batch, wait,
+                                         queue=max(256, 2 * max(args.concurrency)), info=info,
+                                         decode_threads=args.decode_threads)
             try:
                 service_info = json.loads(info.read_text())
                 for concurrency in args.concurrency:
-                    row = asyncio.run(load(url, images, concurrency, requests, max_seconds))
+                    row = asyncio.run(load(url, images, concurrency, requests, max_seconds,
+                                           content_type=f"image/{args.image_format}"))
                     row["batching"] = mode
+                    row["gpu_memory_mb"] = gpu_memory_mb(process.pid)
                     rows.append(row)
                     print(f"batching {mode:3} c={concurrency:2}: {row['throughput_rps']:.2f} req/s"
                           f" p50 {row['p50_ms']:.0f} ms, mean batch {row['mean_batch']:.1f}, "
@@ -319,9 +361,9 @@ def main() -> None:
         f"b={b}: {r['median_s'] * 1000:.0f} ms/batch ({r['median_s'] * 1000 / int(b):.1f} ms/img,"
         f" {r['rounds']} rounds)" for b, r in engine["batches"].items()))
 
-    print("\n| batching | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | mean batch | "
-          "engine img/s (same batch) | throughput overhead |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    lines = ["| batching | concurrency | requests | img/s | p50 ms | p95 ms | p99 ms | mean batch | "
+             "GPU MB | engine img/s (same batch) | throughput overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         mean = row["mean_batch"] if row["batching"] == "on" else 1.0
         engine_s = engine_seconds_per_image(engine, mean)
@@ -329,10 +371,11 @@ def main() -> None:
         row["engine_rps"] = 1.0 / engine_s
         row["throughput_overhead"] = (1.0 / row["throughput_rps"]) / engine_s - 1.0 \
             if row["throughput_rps"] else float("inf")
-        print(f"| {row['batching']} | {row['concurrency']} | {row['requests']} | "
-              f"{row['throughput_rps']:.2f} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
-              f"{row['p99_ms']:.0f} | {row['mean_batch']:.1f} | {row['engine_rps']:.2f} "
-              f"(b={mean:.1f}) | {row['throughput_overhead'] * 100:+.0f}% |")
+        gpu = "n/a" if row["gpu_memory_mb"] is None else f"{row['gpu_memory_mb']:.0f}"
+        lines.append(f"| {row['batching']} | {row['concurrency']} | {row['requests']} | "
+                     f"{row['throughput_rps']:.2f} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
+                     f"{row['p99_ms']:.0f} | {row['mean_batch']:.1f} | {gpu} | {row['engine_rps']:.2f} "
+                     f"(b={mean:.1f}) | {row['throughput_overhead'] * 100:+.0f}% |")
 
     engine_b1_ms = engine["batches"]["1"]["median_s"] * 1000
     summary = []
@@ -348,19 +391,31 @@ def main() -> None:
             summary.append({"what": f"throughput c={top}, batching {row['batching']}",
                             "service": row["throughput_rps"], "engine": row["engine_rps"],
                             "unit": "img/s", "overhead": row["throughput_overhead"]})
-    print(f"\n| comparison | service | engine | overhead (goal < {GOAL:.0%}) |")
-    print("|---|---|---|---|")
+    lines += ["", f"| comparison | service | engine | overhead (goal < {GOAL:.0%}) |", "|---|---|---|---|"]
     for item in summary:
         verdict = "ok" if item["overhead"] < GOAL else "OVER"
-        print(f"| {item['what']} | {item['service']:.1f} {item['unit']} | "
-              f"{item['engine']:.1f} {item['unit']} | {item['overhead'] * 100:+.0f}% {verdict} |")
+        lines.append(f"| {item['what']} | {item['service']:.1f} {item['unit']} | "
+                     f"{item['engine']:.1f} {item['unit']} | {item['overhead'] * 100:+.0f}% {verdict} |")
+    # Batching gain at concurrency 16 (issue 9 asks for >= 3x the batch-1 rate on a GPU).
+    by_key = {(row["batching"], row["concurrency"]): row for row in rows}
+    if ("on", 16) in by_key and ("off", 1) in by_key and by_key[("off", 1)]["throughput_rps"]:
+        gain = by_key[("on", 16)]["throughput_rps"] / by_key[("off", 1)]["throughput_rps"]
+        lines += ["", f"batching gain: concurrency 16 with batching / concurrency 1 without = {gain:.2f}x"]
+    header = (f"device {engine['device']}, images {args.image_format}, {args.image_size} px, "
+              f"bank {bank_size} features from {len(train)} images, max batch {args.max_batch_size}")
     if quick:
-        print("\n(--quick: too few requests for the figures to mean anything)")
+        lines += ["", "(--quick: too few requests for the figures to mean anything)"]
+    text = "\n".join([header, "", *lines])
+    print("\n" + text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text + "\n", encoding="utf-8")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows, "engine": engine, "summary": summary,
                                          "service": service_info, "device": args.device,
-                                         "quick": quick}, indent=2))
+                                         "image_format": args.image_format, "image_size": args.image_size,
+                                         "bank_size": bank_size, "quick": quick}, indent=2))
 
 
 if __name__ == "__main__":

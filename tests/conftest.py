@@ -18,3 +18,10 @@ def shared_data() -> Path:
     if not (root / "bottle" / "train" / "good").is_dir():
         pytest.skip("real images not found: set PATCHCORE_TEST_DATA or provide ../shared/data (MVTec layout)")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _backbone_cache(tmp_path_factory) -> None:
+    """OpenVINO exports go to one cache per checkout (.pytest_cache, ignored by git), not ~/.cache."""
+    if "PATCHCORE_CACHE_DIR" not in os.environ:
+        os.environ["PATCHCORE_CACHE_DIR"] = str(REPO_ROOT / ".pytest_cache" / "patchcore")

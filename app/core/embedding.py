@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from app.core.backbones import DEFAULT_BACKBONE, get_backbone_spec, load_backbone
+from app.core.ov_runtime import OpenVINOStages, resolve_precision, resolve_runtime
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,33 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 class PatchEmbedder:
     """Backbone + patch aggregation. `preprocess` is thread-safe CPU work;
-    `embed` runs on the device and is serialised by a lock."""
+    `embed` runs on the device and is serialised by a lock.
+
+    runtime: "torch", "openvino" (CPU only; the same weights exported to OpenVINO IR
+    and cached, app.core.ov_runtime) or "auto" (OpenVINO on a CPU when installed);
+    None reads $PATCHCORE_BACKBONE_RUNTIME. precision (OpenVINO only): "f32", "bf16"
+    or "auto" (bf16 on AMX CPUs); None reads $PATCHCORE_BACKBONE_PRECISION.
+    """
 
     def __init__(self, config: EmbedderConfig, device: str | torch.device = "auto",
-                 weights_path: Path | str | None = None):
+                 weights_path: Path | str | None = None, runtime: str | None = None,
+                 precision: str | None = None, cache_dir: Path | str | None = None):
         config.validate()
         self.config = config
         self.device = resolve_device(device) if isinstance(device, str) else device
         spec = get_backbone_spec(config.backbone)
         self._mean = np.asarray(spec.mean, dtype=np.float32) * 255.0
         self._inv_std = 1.0 / (np.asarray(spec.std, dtype=np.float32) * 255.0)
-        self.backbone = load_backbone(config.backbone, weights_path).to(self.device)
+        module = load_backbone(config.backbone, weights_path)
+        self.runtime = resolve_runtime(runtime, self.device)
+        self.precision = "f32"
+        self.backbone: Callable[[torch.Tensor], list[torch.Tensor]]
+        if self.runtime == "openvino":
+            self.precision = resolve_precision(precision)
+            self.backbone = OpenVINOStages(module, config.backbone, config.image_size, self.precision,
+                                           cache_dir=cache_dir)
+        else:
+            self.backbone = module.to(self.device)
         self._lock = threading.Lock()
         self.grid_size = config.image_size // 8
         self.stage_channels = self._probe_channels()
@@ -142,9 +159,12 @@ class PatchEmbedder:
 
     def describe(self) -> dict:
         return {**self.config.to_dict(), "feature_dim": self.feature_dim,
-                "stage_channels": list(self.stage_channels), "device": str(self.device)}
+                "stage_channels": list(self.stage_channels), "device": str(self.device),
+                "runtime": self.runtime, "precision": self.precision}
 
 
 def create_embedder(config: EmbedderConfig | None = None, device: str = "auto",
-                    weights_path: Path | str | None = None) -> PatchEmbedder:
-    return PatchEmbedder(config or EmbedderConfig(), device=device, weights_path=weights_path)
+                    weights_path: Path | str | None = None, runtime: str | None = None,
+                    precision: str | None = None, cache_dir: Path | str | None = None) -> PatchEmbedder:
+    return PatchEmbedder(config or EmbedderConfig(), device=device, weights_path=weights_path,
+                         runtime=runtime, precision=precision, cache_dir=cache_dir)

@@ -81,12 +81,14 @@ def evaluate_category(
     mask_threshold: int = 0,
     progress: Callable[[str, float], None] | None = None,
     bins: int = 1 << 16,
+    search: tuple[str, str] = ("auto", "auto"),
 ) -> dict:
     """Build from train/good, score test/ one image at a time, return metrics and timings."""
     start = time.perf_counter()
     bank = build_bank(category.train, config, embedder, progress=progress)
     build_seconds = time.perf_counter() - start
-    result = evaluate_bank(bank, category, embedder, mask_threshold=mask_threshold, progress=progress, bins=bins)
+    result = evaluate_bank(bank, category, embedder, mask_threshold=mask_threshold, progress=progress, bins=bins,
+                           search=search)
     result.update({"coreset_ratio": config.coreset_ratio, "seed": config.seed,
                    "build_seconds": round(build_seconds, 2)})
     return result
@@ -99,12 +101,13 @@ def evaluate_bank(
     mask_threshold: int = 0,
     progress: Callable[[str, float], None] | None = None,
     bins: int = 1 << 16,
+    search: tuple[str, str] = ("auto", "auto"),
 ) -> dict:
     """Score test/ one image at a time against a built bank; metrics and timings."""
     from sklearn.metrics import roc_auc_score
 
     build_peak = peak_rss_mb()
-    model = PatchCoreModel(bank, embedder)
+    model = PatchCoreModel(bank, embedder, search[0], search[1])  # type: ignore[arg-type]
     config = bank.manifest.get("config") or {}
 
     has_masks = category.has_masks
@@ -149,6 +152,9 @@ def evaluate_bank(
         "backbone": embedder.config.backbone,
         "image_size": embedder.config.image_size,
         "feature_dim": embedder.feature_dim,
+        "backbone_runtime": embedder.runtime,
+        "backbone_precision": embedder.precision,
+        "search": model.index.describe() if hasattr(model.index, "describe") else None,
         "coreset_ratio": (bank.manifest.get("coreset") or {}).get("ratio"),
         "seed": config.get("seed"),
         "test_images": len(scores),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -96,6 +97,73 @@ def decode_image(data: bytes | Path | str, max_pixels: int | None = DEFAULT_MAX_
     except Exception as exc:
         # Every decoder failure is the client's image, whatever PIL raises for it
         # (OSError, SyntaxError, ValueError, RuntimeError from the AVIF/WebP plugins, ...).
+        raise InvalidImage(f"cannot decode image ({_reason(exc)})") from exc
+
+
+def decode_for_model(data: bytes | Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                     min_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode for a model that only needs `min_side` pixels on the short side.
+
+    Returns (RGB array (h, w, 3) uint8, ORIGINAL (H, W) after EXIF orientation). JPEGs
+    are decoded at a reduced scale (1/2, 1/4 or 1/8) in the DCT domain (libjpeg via
+    PIL's `draft`) when that keeps the short side >= `min_side`: a 900x900 frame for a
+    224 px model decodes at 225x225, several times faster and with 16x less memory.
+    Everything else (PNG included) decodes exactly as `decode_image`; min_side=None
+    never reduces. The map of a reduced image must still be laid over the original
+    size, which is why it is returned.
+    """
+    if isinstance(data, Path | str):
+        path = Path(data)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidImage(f"cannot read image file {path.name!r}: {exc.strerror}") from exc
+    if min_side is not None and data[:3] == b"\xff\xd8\xff":
+        reduced = _decode_jpeg_reduced(data, max_pixels, int(min_side))
+        if reduced is not None:
+            return reduced
+    array = decode_image(data, max_pixels=max_pixels)
+    return array, (int(array.shape[0]), int(array.shape[1]))
+
+
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
+def _decode_jpeg_reduced(data: bytes, max_pixels: int | None,
+                         min_side: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+    if len(data) == 0:
+        raise InvalidImage("empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format != "JPEG" or image.mode not in ("RGB", "L", "CMYK", "YCbCr"):
+                    return None
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageTooLarge(
+                        f"image is {width}x{height} = {width * height} pixels, "
+                        f"more than the limit of {max_pixels}"
+                    )
+                orientation = image.getexif().get(0x0112, 1)
+                original = (width, height) if orientation in _SWAPS_AXES else (height, width)
+                # draft() picks the largest DCT scale whose result is still >= the request
+                # on both sides; asking for min_side on the short side keeps the aspect.
+                short = min(width, height)
+                if short >= 2 * min_side:
+                    scale = short / min_side
+                    image.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)
+                return to_rgb_array(image), original
+    except (ImageTooLarge, InvalidImage):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image is too large to decode ({_reason(exc)})") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # as decode_image: every decoder failure is the client's image
         raise InvalidImage(f"cannot decode image ({_reason(exc)})") from exc
 
 

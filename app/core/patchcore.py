@@ -27,7 +27,7 @@ from app.core.coreset import continue_coreset, coreset_size_for, select_coreset
 from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import BankIncompatible, BuildCancelled, NotEnoughImages
 from app.core.images import as_rgb_array, decode_image
-from app.core.knn import NearestNeighbourIndex
+from app.core.knn import SearchBackend, SearchIndex, SearchPrecision, create_index
 from app.core.scoring import score_patches, smoothed_maps, to_original_size
 
 ImageSource = Path | str | np.ndarray
@@ -172,7 +172,7 @@ def build_bank(
     timings["coreset_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    index = NearestNeighbourIndex(bank_features, use_gpu=embedder.device.type == "cuda")
+    index = create_index(bank_features, embedder.device)
     holdout_sources = [images[i] for i in holdout_ids]
     nominal_scores = _score_sources(embedder, index, holdout_sources, config, should_stop)
     calibration = calibrate_from_nominal(nominal_scores, config.false_alarm_rate, config.threshold_tail_margin)
@@ -331,7 +331,7 @@ def append_to_bank(
     timings["coreset_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    index = NearestNeighbourIndex(partial, use_gpu=embedder.device.type == "cuda")
+    index = create_index(partial, embedder.device)
     new_scores = score_patches(index, holdout_features.reshape(len(holdout_ids), embedder.grid_size,
                                                                embedder.grid_size, -1),
                                config.reweight_neighbours)[1]
@@ -349,7 +349,7 @@ def append_to_bank(
     nominal_scores = np.concatenate([np.asarray(base_bank.nominal_scores, dtype=np.float64), new_scores])
     calibration = calibrate_from_nominal(nominal_scores, config.false_alarm_rate, config.threshold_tail_margin)
     if validation is not None:
-        index = NearestNeighbourIndex(bank_features, use_gpu=embedder.device.type == "cuda")
+        index = create_index(bank_features, embedder.device)
         val_scores = _score_sources(embedder, index, list(validation[0]), config, should_stop)
         calibration = calibrate_f1(val_scores, np.asarray(validation[1]), nominal_scores)
     report("calibration", 1.0)
@@ -392,7 +392,7 @@ def append_to_bank(
     return MemoryBank(features=bank_features, nominal_scores=nominal_scores, manifest=manifest)
 
 
-def _score_sources(embedder: PatchEmbedder, index: NearestNeighbourIndex, sources: Sequence[ImageSource],
+def _score_sources(embedder: PatchEmbedder, index: SearchIndex, sources: Sequence[ImageSource],
                    config: PatchCoreConfig, should_stop: Callable[[], bool] | None) -> np.ndarray:
     scores = []
     for batch in _batches(sources, config.batch_size):
@@ -407,7 +407,8 @@ class PatchCoreModel:
     """One product's bank, ready to score. Holds no process-global state, so many
     products (or replicas) can live side by side."""
 
-    def __init__(self, bank: MemoryBank, embedder: PatchEmbedder):
+    def __init__(self, bank: MemoryBank, embedder: PatchEmbedder, search_backend: SearchBackend = "auto",
+                 search_precision: SearchPrecision = "auto"):
         stored = EmbedderConfig.from_dict(bank.embedder)
         if stored != embedder.config:
             raise BankIncompatible(f"bank was built with {stored}, the embedder is {embedder.config}")
@@ -420,19 +421,28 @@ class PatchCoreModel:
         self.reweight_neighbours = int(config.get("reweight_neighbours", 0))
         self.gaussian_sigma = float(config.get("gaussian_sigma", 4.0))
         self.calibration = Calibration.from_dict(bank.calibration)
-        self.index = NearestNeighbourIndex(bank.features, use_gpu=embedder.device.type == "cuda")
+        # Exact search on the embedder's device (app.core.knn.create_index picks faiss or torch).
+        self.index = create_index(bank.features, embedder.device, search_backend, search_precision)
 
     @property
     def embedder_config(self) -> EmbedderConfig:
         return self.embedder.config
 
-    def predict(self, images: Sequence[ImageSource]) -> list[Prediction]:
-        """Score a batch of images of any sizes; one Prediction per image, maps at original size."""
+    def predict(self, images: Sequence[ImageSource],
+                original_sizes: Sequence[tuple[int, int]] | None = None) -> list[Prediction]:
+        """Score a batch of images of any sizes; one Prediction per image, maps at original size.
+
+        `original_sizes` (H, W) per image: where the maps go when the arrays were decoded
+        at a reduced scale (images.decode_for_model); default: each array's own size.
+        """
         arrays = [_as_array(image) for image in images]
         if not arrays:
             return []
+        if original_sizes is not None and len(original_sizes) != len(arrays):
+            raise ValueError(f"{len(original_sizes)} original sizes for {len(arrays)} images")
         embeddings = self.embedder.embed(self.embedder.preprocess(arrays))
-        return self.predict_embeddings(embeddings, [a.shape[:2] for a in arrays])
+        sizes = original_sizes if original_sizes is not None else [a.shape[:2] for a in arrays]
+        return self.predict_embeddings(embeddings, sizes)
 
     def predict_embeddings(self, embeddings: torch.Tensor | np.ndarray,
                            original_sizes: Sequence[tuple[int, int]]) -> list[Prediction]:

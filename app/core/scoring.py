@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.core.knn import NearestNeighbourIndex
+from app.core.knn import SearchIndex
 
 
-def score_patches(index: NearestNeighbourIndex, embeddings: np.ndarray,
+def score_patches(index: SearchIndex, embeddings: np.ndarray,
                   reweight_neighbours: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """embeddings (B, h, w, D) -> (patch scores (B, h, w), image scores (B,)).
 
@@ -36,7 +36,7 @@ def score_patches(index: NearestNeighbourIndex, embeddings: np.ndarray,
     return patch_scores.reshape(batch, height, width), image_scores
 
 
-def reweighting_factors(index: NearestNeighbourIndex, worst_patches: np.ndarray,
+def reweighting_factors(index: SearchIndex, worst_patches: np.ndarray,
                         nearest_bank_ids: np.ndarray, neighbours: int) -> np.ndarray:
     """Eq. 7 weights for each image: worst_patches (B, D) are m_test*, nearest_bank_ids (B,) are m*."""
     bank_features = index.reconstruct(nearest_bank_ids)                     # m* (B, D)

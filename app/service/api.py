@@ -14,7 +14,7 @@ from app.service.errors import UnhandledErrorMiddleware, install_error_handlers
 from app.service.limits import BodySizeLimitMiddleware
 from app.service.logging import RequestContextMiddleware, configure_logging
 from app.service.registry import EmbedderFactory
-from app.service.resources import Resources
+from app.service.resources import JobsFactory, Resources
 from app.service.routes import admin, health, predict, products
 from app.service.settings import Settings, get_settings
 from app.storage import BankStore
@@ -26,16 +26,19 @@ need `X-API-Key` (or `Authorization: Bearer`)."""
 
 
 def create_app(settings: Settings | None = None, *, store: BankStore | None = None,
-               embedder_factory: EmbedderFactory | None = None) -> FastAPI:
+               embedder_factory: EmbedderFactory | None = None,
+               jobs_factory: JobsFactory | None = None) -> FastAPI:
     """Build the app. Nothing heavy here: the resources are opened in the lifespan.
 
-    `store` and `embedder_factory` replace the defaults (another bank store, a test embedder).
+    `store`, `embedder_factory` and `jobs_factory` replace the defaults (another bank store,
+    a test embedder, builds run elsewhere: app.cluster runs them as Ray tasks).
     """
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
-        resources = Resources.open(settings, store=store, embedder_factory=embedder_factory)
+        resources = Resources.open(settings, store=store, embedder_factory=embedder_factory,
+                                   jobs_factory=jobs_factory)
         application.state.resources = resources
         try:
             yield

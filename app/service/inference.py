@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.core.images import decode_image
+from app.core.images import decode_for_model
 from app.core.patchcore import BatchItem, Prediction, predict_batch
 from app.service import rendering
 from app.service.registry import LoadedProduct
@@ -59,13 +59,16 @@ def prepare(product: LoadedProduct, data: bytes, max_pixels: int, keep_image: bo
     an overlay the photo scaled to the bounded map size (never the full frame).
     """
     started = time.perf_counter()
-    image = decode_image(data, max_pixels=max_pixels)
-    size = (int(image.shape[0]), int(image.shape[1]))
+    # JPEGs decode at 1/2-1/8 scale in the DCT domain when the network input (or, for an
+    # overlay, the bounded photo) still gets enough pixels: a 6000x6600 JPEG never
+    # becomes a 40 MP array. `size` stays the photo's own.
+    need = max(product.embedder.config.image_size, max_map_side if keep_image else 0)
+    image, size = decode_for_model(data, max_pixels=max_pixels, min_side=need)
     map_size = bounded_size(size, max_map_side)
     tensor = product.embedder.preprocess([image])[0]
     kept = None
     if keep_image:
-        kept = image if map_size == size else np.asarray(
+        kept = image if image.shape[:2] == map_size else np.asarray(
             Image.fromarray(image).resize((map_size[1], map_size[0]), Image.Resampling.BILINEAR))
     del image
     return PreparedImage(product, tensor, size, map_size, time.perf_counter() - started, kept)

@@ -62,7 +62,7 @@ class Predictor:
         """Load the default backbone, then the active bank of every stored product."""
         self.registry.embedder(EmbedderConfig())
         self.backbone_loaded = True
-        for name in sorted(self.registry.store.products()):
+        for name in sorted(self.registry.store.products()) if self.settings.preload_banks else []:
             self.registry.load(name)
         self.banks_loaded = True
         if self.registry.failed():

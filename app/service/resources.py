@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,14 @@ from app.service.predictor import Predictor
 from app.service.registry import EmbedderFactory
 from app.service.settings import Settings
 from app.service.staging import StagingArea
+from app.service.watch import PointerWatcher
 from app.storage import BankStore, StoreUnavailable
 from app.storage import create_store as create_bank_store
 
 logger = logging.getLogger(__name__)
+
+# Another host's build runner (Ray: builds as cluster tasks) in place of the in-process one.
+JobsFactory = Callable[[ProductCatalog, Predictor, Settings], JobRunner]
 
 DEMO_PRODUCT = "demo"
 # How often the store is pinged for readiness: often while it is down, rarely while it is up.
@@ -123,11 +128,13 @@ class Resources:
     catalog: ProductCatalog
     jobs: JobRunner
     store_watch: StoreWatch
+    watcher: PointerWatcher
     startup: Startup = field(default_factory=Startup)
 
     @classmethod
     def open(cls, settings: Settings, *, store: BankStore | None = None,
-             embedder_factory: EmbedderFactory | None = None) -> Resources:
+             embedder_factory: EmbedderFactory | None = None,
+             jobs_factory: JobsFactory | None = None) -> Resources:
         metrics = ServiceMetrics()
         store = store if store is not None else create_store(settings)
         predictor = Predictor(settings, store, metrics, embedder_factory=embedder_factory)
@@ -137,16 +144,23 @@ class Resources:
             max_zip_uncompressed_bytes=int(settings.max_zip_uncompressed_mb * 1024 * 1024),
             max_zip_ratio=settings.max_zip_ratio)
         catalog = ProductCatalog(store, predictor, staging)
-        jobs = JobRunner(catalog, predictor.embedder, max_finished=settings.max_finished_jobs,
-                         min_images=settings.min_build_images, records_dir=settings.jobs_dir,
-                         on_change=metrics.set_jobs)
-        resources = cls(settings, metrics, store, predictor, staging, catalog, jobs, StoreWatch(store))
+        if jobs_factory is not None:
+            jobs = jobs_factory(catalog, predictor, settings)
+        else:
+            jobs = JobRunner(catalog, predictor.embedder, max_finished=settings.max_finished_jobs,
+                             min_images=settings.min_build_images, records_dir=settings.jobs_dir,
+                             on_change=metrics.set_jobs)
+        watcher = PointerWatcher(predictor.registry, settings.watch_interval_s)
+        resources = cls(settings, metrics, store, predictor, staging, catalog, jobs, StoreWatch(store),
+                        watcher)
         predictor.start()
         resources.store_watch.start()
+        watcher.start()
         threading.Thread(target=resources._load, name="startup", daemon=True).start()
         return resources
 
     def close(self) -> None:
+        self.watcher.close()
         self.store_watch.close()
         self.jobs.close()
         self.predictor.close()

@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     weights_path: Path | None = None  # env: WEIGHTS_ENV
     # Build the "demo" bank from the packaged demo images at startup when missing.
     demo: bool = True
+    # Load every stored product's bank at start (one process). A Ray replica loads banks on
+    # first use instead (an LRU per replica), so 500 products need not fit in one replica.
+    preload_banks: bool = True
+    # Seconds between checks of each loaded product's active pointer in the store; 0 = off.
+    # On when other processes (other replicas, build tasks, the CLI) can move the pointer.
+    watch_interval_s: float = Field(default=0.0, ge=0.0, le=3600.0)
 
     # ------------------------------------------------------------------ bank store (app/storage.py)
     # "local": banks under models_dir; "s3": an S3-compatible bucket (credentials from the usual AWS_* variables).

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from app.core.coreset import (
+    _greedy_batched,
     _greedy_dense,
     _greedy_pruned,
     continue_coreset,
@@ -33,6 +34,16 @@ def test_pruned_selection_equals_dense_greedy():
     assert len(set(pruned.tolist())) == 300
     assert pruned_radius == pytest.approx(dense_radius, rel=1e-9)
     assert pruned_radius == pytest.approx(coverage_radius(x, pruned), rel=1e-6)
+
+
+@pytest.mark.parametrize("candidates", [2, 16, 256])
+def test_batched_selection_equals_dense_greedy(candidates):
+    x = _clustered(seed=3).astype(np.float64)  # both in float64: no rounding ties
+    starts = np.array([5, 600, 3001])
+    batched, batched_radius = _greedy_batched(x, 400, starts, None, None, candidates=candidates, chunk=1000)
+    dense, dense_radius = _greedy_dense(torch.from_numpy(x), 400, starts, None, None)
+    np.testing.assert_array_equal(batched, dense)
+    assert batched_radius == pytest.approx(dense_radius, rel=1e-6)
 
 
 def test_greedy_covers_better_than_random():

@@ -75,3 +75,67 @@ def test_array_inputs():
         as_rgb_array(np.zeros((5, 7, 2), np.uint8))
     with pytest.raises(InvalidImage):
         as_rgb_array(np.zeros((5, 7, 3), np.float64))
+
+
+# ------------------------------------------------------------------ decode_for_model
+def _photo(height: int, width: int) -> Image.Image:
+    """A smooth synthetic photo (JPEG-friendly) with some detail."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = np.stack([128 + 100 * np.sin(x / 37.0), 128 + 100 * np.cos(y / 23.0),
+                    128 + 60 * np.sin((x + y) / 51.0)], axis=-1)
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def test_jpeg_decodes_reduced_but_never_below_min_side():
+    from app.core.images import decode_for_model
+
+    data = _encode(_photo(900, 1200), "JPEG")
+    array, original = decode_for_model(data, min_side=224)
+    assert original == (900, 1200)
+    assert array.shape == (225, 300, 3)  # 1/4 scale in the DCT domain: 225 >= 224
+    array, original = decode_for_model(data, min_side=300)
+    assert array.shape == (450, 600, 3) and original == (900, 1200)  # 1/4 would give 225 < 300
+    full, original = decode_for_model(data)  # no min_side: never reduced
+    assert full.shape == (900, 1200, 3) and original == (900, 1200)
+    np.testing.assert_array_equal(full, decode_image(data))
+    small = _encode(_photo(300, 400), "JPEG")
+    assert decode_for_model(small, min_side=224)[0].shape == (300, 400, 3)  # 1/2 would go below 224
+
+
+def test_reduced_jpeg_gives_the_model_nearly_the_same_input():
+    from app.core.images import decode_for_model
+
+    data = _encode(_photo(900, 900), "JPEG")
+    reduced, _ = decode_for_model(data, min_side=224)
+    size = (224, 224)
+    via_reduced = np.asarray(Image.fromarray(reduced).resize(size, Image.Resampling.BILINEAR), np.float32)
+    via_full = np.asarray(Image.fromarray(decode_image(data)).resize(size, Image.Resampling.BILINEAR), np.float32)
+    assert np.abs(via_reduced - via_full).mean() < 2.0  # of 255 grey levels
+
+
+def test_reduced_jpeg_keeps_exif_orientation_and_limits():
+    from app.core.images import decode_for_model
+
+    image = _photo(600, 1000)  # stored landscape, shown portrait (orientation 6 = rotate 90)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes())
+    data = buffer.getvalue()
+    array, original = decode_for_model(data, min_side=224)
+    assert original == (1000, 600)
+    assert array.shape == (500, 300, 3)  # rotated like decode_image, at 1/2 scale
+    assert decode_image(data).shape == (1000, 600, 3)
+    with pytest.raises(ImageTooLarge):
+        decode_for_model(data, min_side=224, max_pixels=500_000)
+    with pytest.raises(InvalidImage):
+        decode_for_model(data[: len(data) // 2], min_side=224)
+
+
+def test_png_goes_through_decode_image_unchanged():
+    from app.core.images import decode_for_model
+
+    data = _encode(_photo(500, 700), "PNG")
+    array, original = decode_for_model(data, min_side=224)
+    np.testing.assert_array_equal(array, decode_image(data))
+    assert original == (500, 700)

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# GPU check for a maintainer with a CUDA host, from a fresh clone (< 8 minutes on one H200):
+#   1. installs the project with its test tools into .venv (scripts/install.sh dev),
+#   2. runs the CUDA tests (pytest -m cuda; they skip without a CUDA device),
+#   3. runs benchmarks/bench_service.py on the device: full bottle bank, concurrency
+#      1, 16, 64 and 256, micro-batching on (max batch 64) and off, PNG bodies,
+#      writing OUT/service.json and OUT/service.md (images/s, p50/p95/p99, mean batch,
+#      GPU memory, the engine's own rate at the same batch).
+#
+#   bash benchmarks/gpu_check.sh                       # the real check (needs CUDA)
+#   bash benchmarks/gpu_check.sh --device cpu --tiny --no-install   # seconds: keeps the script honest (tests)
+#
+# Options: --device cuda|cpu (default cuda), --tiny (a 64 px model, 3 images, 2 levels),
+# --no-install (use $PYTHON or .venv as it is), --out DIR (default benchmarks/results/gpu_check),
+# --data DIR (MVTec-layout root; default $PATCHCORE_TEST_DATA or ../shared/data).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda
+TINY=0
+INSTALL=1
+OUT=benchmarks/results/gpu_check
+DATA=${PATCHCORE_TEST_DATA:-../shared/data}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --tiny) TINY=1; shift ;;
+    --no-install) INSTALL=0; shift ;;
+    --out) OUT=$2; shift 2 ;;
+    --data) DATA=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "unknown option: $1" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$INSTALL" = 1 ]; then
+  bash scripts/install.sh dev
+fi
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p "$OUT"
+started=$(date +%s)
+
+echo "== environment"
+"$PY" - "$DEVICE" <<'EOF' | tee "$OUT/environment.txt"
+import sys
+import torch
+import app  # noqa: F401 - sets the native-thread environment first
+from app.core.knn import faiss_has_gpu, resolve_search
+device = sys.argv[1]
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0))
+print("faiss gpu", faiss_has_gpu(), "search on", device, "->", resolve_search(device))
+if device == "cuda" and not torch.cuda.is_available():
+    sys.exit("--device cuda but torch sees no CUDA device")
+EOF
+
+echo "== CUDA tests"
+# Exit status 5 = no test collected; the CUDA tests skip themselves without a device.
+set +e
+if [ "$TINY" = 1 ]; then
+  CUDA_TESTS=(tests/test_cuda.py tests/core/test_knn.py)  # collect less: the tiny run checks the script
+else
+  CUDA_TESTS=(tests)
+fi
+"$PY" -m pytest -q -m cuda -p no:cacheprovider "${CUDA_TESTS[@]}"
+status=$?
+set -e
+if [ "$status" != 0 ] && [ "$status" != 5 ]; then
+  echo "CUDA tests failed" >&2
+  exit "$status"
+fi
+
+echo "== service benchmark on $DEVICE"
+if [ "$TINY" = 1 ]; then
+  BENCH=(--quick --image-size 64 --train-images 3 --requests 3 --concurrency 1 2
+         --max-batch-size 4 --max-seconds-per-level 5)
+else
+  # 16 decode threads: on a GPU host the PNG decode on the CPU is the next wall.
+  BENCH=(--train-images 209 --requests 1024 --concurrency 1 16 64 256 --max-batch-size 64
+         --max-seconds-per-level 15 --decode-threads 16)
+fi
+"$PY" benchmarks/bench_service.py --data "$DATA" --device "$DEVICE" "${BENCH[@]}" \
+  --json "$OUT/service.json" --markdown "$OUT/service.md"
+
+echo "== done in $(( $(date +%s) - started )) s (after install); results in $OUT/"

@@ -1,0 +1,95 @@
+"""PointerWatcher: a process serves what another process activated in the shared store."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from app.core.bank import MemoryBank
+from app.core.embedding import EmbedderConfig
+from app.service.registry import ProductRegistry
+from app.service.watch import PointerWatcher
+from app.storage import LocalBankStore
+
+DIM = 8
+
+
+def tiny_bank(seed: int) -> MemoryBank:
+    rng = np.random.default_rng(seed)
+    return MemoryBank(
+        features=rng.normal(size=(40, DIM)).astype(np.float32),
+        nominal_scores=np.array([1.0, 1.2, 1.1]),
+        manifest={"embedder": {**EmbedderConfig().to_dict(), "feature_dim": DIM},
+                  "calibration": {"threshold": 1.5, "nominal_median": 1.1}},
+    )
+
+
+def fake_embedder(config: EmbedderConfig):  # only what PatchCoreModel reads; nothing is scored here
+    return SimpleNamespace(config=config, feature_dim=DIM, device=torch.device("cpu"))
+
+
+def registry_on(store: LocalBankStore) -> ProductRegistry:
+    return ProductRegistry(store, fake_embedder)  # type: ignore[arg-type]
+
+
+def test_follows_a_pointer_moved_by_another_process(tmp_path) -> None:
+    writer = LocalBankStore(tmp_path)
+    first = writer.save("p", tiny_bank(0), activate=True)
+    second = writer.save("p", tiny_bank(1), activate=False)
+    reader = registry_on(LocalBankStore(tmp_path))
+    reader.load("p")
+    swaps: list[tuple[str, str]] = []
+    watcher = PointerWatcher(reader, 0.05, on_swap=lambda name, version, _s: swaps.append((name, version)))
+
+    assert watcher.check_once() == []  # nothing moved
+    writer.activate("p", second)
+    assert watcher.check_once() == ["p"]
+    assert reader.get("p").version == second and swaps == [("p", second)]
+
+    watcher.start()  # the thread does the same on its own
+    try:
+        writer.activate("p", first)
+        deadline = time.monotonic() + 5
+        while reader.get("p").version != first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reader.get("p").version == first
+    finally:
+        watcher.close()
+
+
+def test_a_broken_new_version_leaves_the_old_one_serving_and_is_not_retried(tmp_path) -> None:
+    writer = LocalBankStore(tmp_path)
+    good = writer.save("p", tiny_bank(0), activate=True)
+    bad = writer.save("p", tiny_bank(1), activate=False)
+    (tmp_path / "p" / bad / "features.npy").write_bytes(b"not a bank")
+    reader = registry_on(LocalBankStore(tmp_path))
+    reader.load("p")
+    watcher = PointerWatcher(reader, 0.05)
+    writer.activate("p", bad)
+    assert watcher.check_once() == []
+    assert reader.get("p").version == good  # still serving
+    calls = []
+    original = reader.load
+    reader.load = lambda *a, **k: calls.append(a) or original(*a, **k)  # type: ignore[method-assign]
+    watcher.check_once()
+    assert calls == []  # the refused version is not loaded again every interval
+
+
+def test_a_product_deleted_elsewhere_is_unloaded(tmp_path) -> None:
+    writer = LocalBankStore(tmp_path)
+    writer.save("p", tiny_bank(0), activate=True)
+    reader = registry_on(LocalBankStore(tmp_path))
+    reader.load("p")
+    writer.delete_product("p")
+    PointerWatcher(reader, 0.05).check_once()
+    assert "p" not in reader.loaded()
+
+
+def test_interval_zero_starts_nothing(tmp_path) -> None:
+    watcher = PointerWatcher(registry_on(LocalBankStore(tmp_path)), 0.0)
+    watcher.start()
+    assert watcher._thread is None
+    watcher.close()

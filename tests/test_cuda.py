@@ -1,0 +1,52 @@
+"""CUDA paths: run by benchmarks/gpu_check.sh on a GPU host, skipped elsewhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.core.coreset import coverage_radius, greedy_coreset
+from app.core.embedding import EmbedderConfig, create_embedder
+from app.core.images import decode_image
+from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def embedders():
+    config = EmbedderConfig()
+    return create_embedder(config, device="cpu", runtime="torch"), create_embedder(config, device="cuda")
+
+
+def test_cuda_embedder_gives_the_cpu_features(embedders, shared_data):
+    cpu, cuda = embedders
+    assert cuda.device.type == "cuda" and cuda.runtime == "torch"
+    images = [decode_image(p) for p in sorted((shared_data / "bottle" / "test" / "good").glob("*.png"))[:4]]
+    batch = cpu.preprocess(images)
+    want, got = cpu.embed(batch), cuda.embed(batch)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-3  # cuDNN vs CPU kernels (TF32 off)
+
+
+def test_cuda_coreset_selects_the_same_centres():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(0, 4, (10, 64))[rng.integers(0, 10, 20000)] + rng.normal(0, 0.5, (20000, 64))).astype(
+        np.float32)
+    cpu = greedy_coreset(x, 500, projection_dim=None, seed=0, device="cpu")
+    gpu = greedy_coreset(x, 500, projection_dim=None, seed=0, device="cuda")
+    assert coverage_radius(x, gpu) == pytest.approx(coverage_radius(x, cpu), rel=1e-3)
+
+
+def test_cuda_model_scores_equal_cpu_scores(embedders, shared_data):
+    cpu, cuda = embedders
+    train = sorted((shared_data / "bottle" / "train" / "good").glob("*.png"))[:12]
+    tests = sorted((shared_data / "bottle" / "test" / "broken_large").glob("*.png"))[:4]
+    bank = build_bank(train, PatchCoreConfig(), cpu)
+    on_cpu = PatchCoreModel(bank, cpu).predict(tests)
+    on_gpu = PatchCoreModel(bank, cuda).predict(tests)
+    assert PatchCoreModel(bank, cuda).index.describe()["device"].startswith("cuda")
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert b.raw_score == pytest.approx(a.raw_score, rel=2e-3)
+        assert np.abs(b.anomaly_map - a.anomaly_map).max() < 2e-3 * a.anomaly_map.max()

@@ -1,0 +1,35 @@
+"""benchmarks/gpu_check.sh in its tiny CPU mode, so the GPU script cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end_on_the_cpu(shared_data, tmp_path):
+    out = tmp_path / "gpu_check"
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--device", "cpu", "--tiny", "--no-install",
+         "--out", str(out), "--data", str(shared_data)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "service.json").read_text())
+    levels = {(row["batching"], row["concurrency"]) for row in report["rows"]}
+    assert levels == {("on", 1), ("on", 2), ("off", 1), ("off", 2)}
+    for row in report["rows"]:
+        assert row["failures"] == 0 and row["requests"] > 0
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["gpu_memory_mb"] is None  # no GPU here: reported as n/a, never made up
+    assert report["engine"]["device"] == "cpu"
+    table = (out / "service.md").read_text()
+    assert "| batching | concurrency |" in table and "GPU MB" in table
+    assert "faiss gpu" in (out / "environment.txt").read_text()
