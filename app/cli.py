@@ -1,6 +1,7 @@
 """Command line: build, predict, eval, serve, simulate.
 
     python -m app build --product NAME --images DIR
+    python -m app build --product NAME --images NEW_DIR --append [--base-version V]
     python -m app predict --product NAME IMAGE... [--heatmap-dir DIR]
     python -m app eval --data ROOT --category C [--json OUT]
     python -m app serve [--host H] [--port P] [--engine uvicorn|ray]
@@ -36,7 +37,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--stage-dim", type=int, default=None,
                         help="channels kept per backbone stage (default: all)")
-    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--coreset-ratio", type=float, default=None,
+                        help="fraction of all patches kept (default 0.1; with --append: the base bank's)")
     parser.add_argument("--coreset-size", type=int, default=None, help="absolute bank size (overrides ratio)")
     parser.add_argument("--projection-dim", type=int, default=128,
                         help="random projection for coreset selection (0: select in the feature space)")
@@ -72,7 +74,8 @@ def _config_from(args: argparse.Namespace):
     from app.core.patchcore import PatchCoreConfig
 
     embedder = EmbedderConfig(backbone=args.backbone, image_size=args.image_size, stage_dim=args.stage_dim)
-    return PatchCoreConfig(embedder=embedder, coreset_ratio=args.coreset_ratio, coreset_size=args.coreset_size,
+    ratio = 0.1 if args.coreset_ratio is None else args.coreset_ratio
+    return PatchCoreConfig(embedder=embedder, coreset_ratio=ratio, coreset_size=args.coreset_size,
                            projection_dim=args.projection_dim or None, reweight_neighbours=args.reweight,
                            seed=args.seed)
 
@@ -106,20 +109,56 @@ def cmd_build(args: argparse.Namespace) -> int:
     from app.storage import LocalBankStore, check_product_name
 
     check_product_name(args.product)
-    config = _config_from(args)
+    if args.base_version and not args.append:
+        raise ValueError("--base-version only goes with --append")
     images = list_images(args.images)
     validation = None
     if args.validation:
         validation = _labelled_folder(Path(args.validation))
+    store = LocalBankStore(_models_dir(args.models_dir))
+    if args.append:
+        return _append(args, store, images, validation)
+    config = _config_from(args)
     embedder = _embedder_from(args, config.embedder)
     progress = _Progress()
     start = time.perf_counter()
     bank = build_bank(images, config, embedder, progress=progress, validation=validation)
     progress.close()
-    store = LocalBankStore(_models_dir(args.models_dir))
     version = store.save(args.product, bank, activate=not args.no_activate)
     print(json.dumps({"product": args.product, "version": version, "bank_size": bank.size,
                       "images": bank.manifest["images"], "threshold": bank.threshold,
+                      "build_seconds": round(time.perf_counter() - start, 2),
+                      "timings": bank.manifest["timings"], "peak_rss_mb": round(peak_rss_mb(), 1),
+                      "path": str(store.root / args.product / version)}, indent=2))
+    return 0
+
+
+def _append(args: argparse.Namespace, store, images, validation) -> int:
+    """Append build: the base bank's own backbone and feature settings; ratio, size, seed may change."""
+    from app.core.embedding import EmbedderConfig
+    from app.core.evaluation import peak_rss_mb
+    from app.core.patchcore import append_config, append_to_bank
+
+    base_version, base = store.load(args.product, args.base_version)
+    overrides: dict = {"seed": args.seed}
+    if args.coreset_ratio is not None:
+        overrides["coreset_ratio"] = args.coreset_ratio
+    if args.coreset_size is not None:
+        overrides["coreset_size"] = args.coreset_size
+    config = append_config(base, **overrides)
+    embedder = _embedder_from(args, EmbedderConfig.from_dict(base.embedder))
+    progress = _Progress()
+    start = time.perf_counter()
+    bank = append_to_bank(base, images, config, embedder, base_version=base_version, until=args.until,
+                          progress=progress, validation=validation)
+    progress.close()
+    version = store.save(args.product, bank, activate=not args.no_activate)
+    lineage = bank.manifest["lineage"]
+    print(json.dumps({"product": args.product, "version": version, "base_version": base_version,
+                      "bank_size": bank.size, "base_bank_size": base.size, "images": bank.manifest["images"],
+                      "threshold": bank.threshold, "base_threshold": base.threshold,
+                      "lineage": {"images": lineage["images"], "base_versions": lineage["base_versions"],
+                                  "stopped_by": lineage["steps"][-1]["stopped_by"]},
                       "build_seconds": round(time.perf_counter() - start, 2),
                       "timings": bank.manifest["timings"], "peak_rss_mb": round(peak_rss_mb(), 1),
                       "path": str(store.root / args.product / version)}, indent=2))
@@ -223,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--validation", default=None,
                        help="labelled folder (good/ + defect subfolders): use the F1-optimal threshold")
     build.add_argument("--no-activate", action="store_true", help="store the version without making it active")
+    build.add_argument("--append", action="store_true",
+                       help="add the images to an existing bank instead of building from scratch "
+                            "(backbone and feature settings come from that bank)")
+    build.add_argument("--base-version", default=None, help="with --append: the bank to extend (default: active)")
+    build.add_argument("--until", choices=["size", "radius"], default="size",
+                       help="with --append: grow to the coreset ratio of all patches seen (size), or stop "
+                            "once the new patches are covered as well as the base's (radius)")
     _add_engine_options(build)
     build.set_defaults(func=cmd_build)
 

@@ -88,8 +88,11 @@ def _predict_params(heatmap: str, regions: bool) -> dict[str, str]:
     return {"heatmap": heatmap, "regions": "true" if regions else "false"}
 
 
-def _build_body(coreset_ratio: float | None, backbone: str | None, seed: int | None) -> dict:
-    body: dict[str, Any] = {}
+def _build_body(coreset_ratio: float | None, backbone: str | None, seed: int | None,
+                mode: str = "full", base_version: str | None = None, until: str = "size") -> dict:
+    body: dict[str, Any] = {"mode": mode, "until": until}
+    if base_version is not None:
+        body["base_version"] = base_version
     if coreset_ratio is not None:
         body["coreset_ratio"] = coreset_ratio
     if backbone is not None:
@@ -181,9 +184,21 @@ class PatchCoreClient:
         return _json(self._http.delete(f"/v1/admin/products/{product}/nominal"))
 
     def start_build(self, product: str, coreset_ratio: float | None = None,
-                    backbone: str | None = None, seed: int | None = None) -> dict:
+                    backbone: str | None = None, seed: int | None = None, *, mode: str = "full",
+                    base_version: str | None = None, until: str = "size") -> dict:
+        """mode="append": extend base_version (default: the active one) with the new staged images."""
         return _json(self._http.post(f"/v1/admin/products/{product}/builds",
-                                     json=_build_body(coreset_ratio, backbone, seed)))
+                                     json=_build_body(coreset_ratio, backbone, seed, mode, base_version, until)))
+
+    def send_feedback(self, product: str, image: ImageInput | None = None, *, request_id: str | None = None,
+                      index: int | None = None) -> dict:
+        """Stage a confirmed false alarm: the image, or a recent prediction's by its X-Request-ID."""
+        if image is not None:
+            data, kind = _raw_image(image)
+            return _json(self._http.post(f"/v1/admin/products/{product}/feedback", content=data,
+                                         headers={"Content-Type": kind}))
+        return _json(self._http.post(f"/v1/admin/products/{product}/feedback",
+                                     json={"request_id": request_id, "index": index}))
 
     def get_job(self, job_id: str) -> dict:
         return _json(self._http.get(f"/v1/admin/jobs/{job_id}"))
@@ -286,9 +301,20 @@ class AsyncPatchCoreClient:
         return _json(await self._http.delete(f"/v1/admin/products/{product}/nominal"))
 
     async def start_build(self, product: str, coreset_ratio: float | None = None,
-                          backbone: str | None = None, seed: int | None = None) -> dict:
-        return _json(await self._http.post(f"/v1/admin/products/{product}/builds",
-                                           json=_build_body(coreset_ratio, backbone, seed)))
+                          backbone: str | None = None, seed: int | None = None, *, mode: str = "full",
+                          base_version: str | None = None, until: str = "size") -> dict:
+        return _json(await self._http.post(
+            f"/v1/admin/products/{product}/builds",
+            json=_build_body(coreset_ratio, backbone, seed, mode, base_version, until)))
+
+    async def send_feedback(self, product: str, image: ImageInput | None = None, *,
+                            request_id: str | None = None, index: int | None = None) -> dict:
+        if image is not None:
+            data, kind = _raw_image(image)
+            return _json(await self._http.post(f"/v1/admin/products/{product}/feedback", content=data,
+                                               headers={"Content-Type": kind}))
+        return _json(await self._http.post(f"/v1/admin/products/{product}/feedback",
+                                           json={"request_id": request_id, "index": index}))
 
     async def get_job(self, job_id: str) -> dict:
         return _json(await self._http.get(f"/v1/admin/jobs/{job_id}"))

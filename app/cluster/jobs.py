@@ -34,7 +34,7 @@ from app.cluster import JOB_BOARD_NAME, NAMESPACE
 from app.core.embedding import EmbedderConfig
 from app.core.errors import BuildCancelled
 from app.service.catalog import ProductCatalog
-from app.service.errors import JobConflict, JobNotFound, TooFewImages, status_and_code
+from app.service.errors import InvalidBuildRequest, JobConflict, JobNotFound, TooFewImages, status_and_code
 from app.service.jobs import PHASES, BuildParams, ImageSource, Job, JobRunner
 from app.service.predictor import Predictor
 from app.service.settings import Settings
@@ -273,6 +273,9 @@ class RayJobRunner(JobRunner):
     def submit(self, product: str, params: BuildParams, images: ImageSource,
                source: str = "staging", image_count: int | None = None) -> Job:
         params.config()  # invalid parameters fail now, not in the task
+        if params.mode != "full":
+            raise InvalidBuildRequest("append builds run on the uvicorn engine only; "
+                                      "the ray engine builds full banks")
         # The staging area is this node's: the task gets the bytes (it may run on another node).
         data = [(_name(i, image), _read(image)) for i, image in enumerate(images())]
         if len(data) < self.min_images:

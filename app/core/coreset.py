@@ -13,11 +13,16 @@ Two exact implementations of the same greedy rule:
   x cannot move when d(c, p) >= 2 d(x, c) (triangle inequality). The test reads
   two scalars per point; only the few points that pass it are read in full.
   It picks the same centres as the dense rule (tested), many times faster on a CPU.
+
+An append build continues the selection (`continue_coreset`): the existing bank
+entries are the starting centres, the new patches the candidates, and the same
+greedy rule adds the new patches farthest from everything chosen so far.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,7 +57,15 @@ def random_projection(features: np.ndarray, dim: int, seed: int, chunk: int = 65
     return out
 
 
-def greedy_coreset(
+@dataclass(frozen=True)
+class CoresetSelection:
+    indices: np.ndarray   # (k,) selected rows, in selection order
+    # max over the candidates of the distance to their nearest centre, in the selection space
+    # (the projection): what greedy k-center minimises. An append build stops on it.
+    radius: float
+
+
+def select_coreset(
     features: np.ndarray,
     size: int,
     *,
@@ -62,8 +75,8 @@ def greedy_coreset(
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-) -> np.ndarray:
-    """Indices (size,) of the greedy k-center coreset of `features` (N, D) float32.
+) -> CoresetSelection:
+    """Greedy k-center coreset of `features` (N, D) float32 and its coverage radius.
 
     Deterministic for a seed. `projection_dim=None` runs on the full features.
     """
@@ -75,13 +88,73 @@ def greedy_coreset(
     rng = np.random.default_rng(seed)
     starts = rng.choice(n, size=min(num_starts, size), replace=False)
     if torch.device(device).type == "cuda":
-        return _greedy_dense(torch.from_numpy(np.ascontiguousarray(points)).to(device), size, starts,
-                             progress, should_stop)
-    # One BLAS thread: the products here are skinny ((rows x 128) @ (128 x ~10), memory-bound),
-    # and on a shared 2-core machine OpenBLAS's thread hand-offs made them 2-3x slower
-    # (magnetic_tile, 50k patches: 9 s with one thread, 25 s with two, same run).
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _greedy_batched(np.ascontiguousarray(points), size, starts, progress, should_stop)
+        indices, radius = _greedy_dense(torch.from_numpy(np.ascontiguousarray(points)).to(device), size, starts,
+                                        progress, should_stop)
+    else:
+        # One BLAS thread: the products here are skinny ((rows x 128) @ (128 x ~10), memory-bound),
+        # and on a shared 2-core machine OpenBLAS's thread hand-offs made them 2-3x slower
+        # (magnetic_tile, 50k patches: 9 s with one thread, 25 s with two, same run).
+        with threadpool_limits(limits=1, user_api="blas"):
+            indices, radius = _greedy_batched(np.ascontiguousarray(points), size, starts, progress, should_stop)
+    return CoresetSelection(indices, radius)
+
+
+def greedy_coreset(features: np.ndarray, size: int, *, projection_dim: int | None = 128, num_starts: int = 10,
+                   seed: int = 0, device: str | torch.device = "cpu", progress: ProgressFn | None = None,
+                   should_stop: StopFn | None = None) -> np.ndarray:
+    """Indices (size,) of the greedy k-center coreset of `features` (see `select_coreset`)."""
+    return select_coreset(features, size, projection_dim=projection_dim, num_starts=num_starts, seed=seed,
+                          device=device, progress=progress, should_stop=should_stop).indices
+
+
+def continue_coreset(
+    centres: np.ndarray,
+    candidates: np.ndarray,
+    size: int,
+    *,
+    stop_radius: float | None = None,
+    projection_dim: int | None = 128,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> CoresetSelection:
+    """Continue a greedy k-center selection from existing `centres` (M, D) over new `candidates` (N, D).
+
+    The existing centres are the starting centres: each candidate's distance to its
+    nearest one initialises the greedy state, exactly as if those centres had been
+    picked first. Up to `size` candidates are added (farthest first); selection stops
+    earlier once every candidate is within `stop_radius`. `projection_dim` and `seed`
+    must be those the centres were selected with: the same seeded matrix projects
+    both, so distances are comparable with the base bank's recorded radius.
+    Returns indices into `candidates` and the candidates' coverage radius.
+    """
+    if candidates.ndim != 2 or centres.ndim != 2 or candidates.shape[1] != centres.shape[1]:
+        raise ValueError(f"centres {centres.shape} and candidates {candidates.shape} must be (M, D) and (N, D)")
+    if centres.shape[0] == 0:
+        raise ValueError("continue_coreset needs at least one existing centre")
+    if candidates.shape[0] == 0 or size <= 0:
+        return CoresetSelection(np.zeros(0, dtype=np.int64), 0.0)
+    size = min(int(size), candidates.shape[0])
+    if projection_dim is None:
+        points, base = candidates, centres
+    else:
+        points = random_projection(candidates, projection_dim, seed)
+        base = random_projection(centres, projection_dim, seed)
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    from app.core.knn import NearestNeighbourIndex  # faiss: exact, BLAS-blocked, O(N) memory
+
+    distance, owner = NearestNeighbourIndex(base).search(points, k=1)
+    min_dist, owner = distance[:, 0].astype(np.float32), owner[:, 0].astype(np.int64)
+    _report(progress, should_stop, 0, size)
+    if torch.device(device).type == "cuda":
+        return CoresetSelection(*_greedy_dense(torch.from_numpy(points).to(device), size, np.zeros(0, np.int64),
+                                               progress, should_stop, torch.from_numpy(min_dist).to(device),
+                                               stop_radius))
+    with threadpool_limits(limits=1, user_api="blas"):  # see select_coreset
+        return CoresetSelection(*_greedy_pruned(points, size, np.zeros(0, np.int64), progress, should_stop,
+                                                (base, owner, min_dist), stop_radius))
 
 
 def _report(progress: ProgressFn | None, should_stop: StopFn | None, done: int, total: int) -> None:
@@ -101,35 +174,54 @@ def _distances_to(points: torch.Tensor | np.ndarray, norms, centre, centre_norm)
 
 
 def _greedy_dense(points: torch.Tensor, size: int, starts: np.ndarray,
-                  progress: ProgressFn | None, should_stop: StopFn | None) -> np.ndarray:
+                  progress: ProgressFn | None, should_stop: StopFn | None,
+                  min_dist: torch.Tensor | None = None,
+                  stop_radius: float | None = None) -> tuple[np.ndarray, float]:
+    """`min_dist` (N,): distances to centres chosen before (an append); None starts empty."""
     norms = (points * points).sum(1)
-    min_dist = torch.full((points.shape[0],), float("inf"), device=points.device, dtype=points.dtype)
+    if min_dist is None:
+        min_dist = torch.full((points.shape[0],), float("inf"), device=points.device, dtype=points.dtype)
+    else:
+        min_dist = min_dist.to(points.dtype).clone()
     selected = [int(s) for s in starts]
     for s in selected:
         torch.minimum(min_dist, _distances_to(points, norms, points[s], norms[s]), out=min_dist)
     step = max(1, size // 100)
     while len(selected) < size:
         nxt = int(torch.argmax(min_dist))
+        if stop_radius is not None and float(min_dist[nxt]) <= stop_radius:
+            break
         selected.append(nxt)
         torch.minimum(min_dist, _distances_to(points, norms, points[nxt], norms[nxt]), out=min_dist)
         if len(selected) % step == 0:
             _report(progress, should_stop, len(selected), size)
-    return np.asarray(selected, dtype=np.int64)
+    return np.asarray(selected, dtype=np.int64), float(min_dist.max())
 
 
 def _greedy_pruned(points: np.ndarray, size: int, starts: np.ndarray,
-                   progress: ProgressFn | None, should_stop: StopFn | None) -> np.ndarray:
+                   progress: ProgressFn | None, should_stop: StopFn | None,
+                   base: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                   stop_radius: float | None = None) -> tuple[np.ndarray, float]:
+    """`base` = (centres (M, d), owner (N,), min_dist (N,)): centres chosen before (an append)."""
     n = points.shape[0]
     norms = np.einsum("ij,ij->i", points, points)
-    centres = np.empty((size, points.shape[1]), dtype=points.dtype)
-    centre_norms = np.empty(size, dtype=points.dtype)
-    owner = np.zeros(n, dtype=np.int64)                # index of each point's nearest centre
-    min_dist = np.full(n, np.inf, dtype=points.dtype)  # distance to that centre
+    if base is None:
+        base_centres = np.empty((0, points.shape[1]), dtype=points.dtype)
+        owner = np.zeros(n, dtype=np.int64)                # index of each point's nearest centre
+        min_dist = np.full(n, np.inf, dtype=points.dtype)  # distance to that centre
+    else:
+        base_centres = base[0]
+        owner, min_dist = base[1].astype(np.int64), base[2].astype(points.dtype)
+    m = base_centres.shape[0]
+    centres = np.empty((m + size, points.shape[1]), dtype=points.dtype)
+    centre_norms = np.empty(m + size, dtype=points.dtype)
+    centres[:m] = base_centres
+    centre_norms[:m] = np.einsum("ij,ij->i", base_centres, base_centres)
     selected: list[int] = []
 
     def add_centre(index: int, rows: np.ndarray | None) -> None:
         """Update the points `rows` (None: all) with the new centre `index`."""
-        k = len(selected)
+        k = m + len(selected)
         centres[k], centre_norms[k] = points[index], norms[index]
         block = points if rows is None else points[rows]
         block_norms = norms if rows is None else norms[rows]
@@ -147,11 +239,19 @@ def _greedy_pruned(points: np.ndarray, size: int, starts: np.ndarray,
     step = max(1, size // 100)
     while len(selected) < size:
         nxt = int(np.argmax(min_dist))
-        if min_dist[nxt] <= 0:  # every point coincides with a centre: pad with unused points
-            unused = np.setdiff1d(np.arange(n), np.asarray(selected), assume_unique=True)
-            selected.extend(int(i) for i in unused[: size - len(selected)])
+        if stop_radius is not None and min_dist[nxt] <= stop_radius:
             break
-        k = len(selected)
+        if min_dist[nxt] <= 0:  # every point coincides with a centre
+            if base is None:    # a full build pads with unused points to the asked size
+                unused = np.setdiff1d(np.arange(n), np.asarray(selected), assume_unique=True)
+                selected.extend(int(i) for i in unused[: size - len(selected)])
+            break
+        k = m + len(selected)
+        if k >= n:  # (an append onto a large bank) reading every point costs less than every centre
+            add_centre(nxt, None)
+            if len(selected) % step == 0:
+                _report(progress, should_stop, len(selected), size)
+            continue
         # Triangle inequality: d(x, p) >= d(c_x, p) - d(x, c_x), so x can only move to
         # the new centre p when d(c_x, p) < 2 d(x, c_x). Only scalars are read for this
         # test; the D-dim vectors are read for the few points that pass it.
@@ -161,13 +261,14 @@ def _greedy_pruned(points: np.ndarray, size: int, starts: np.ndarray,
         add_centre(nxt, None if len(may_move) > n // 4 else may_move)
         if len(selected) % step == 0:
             _report(progress, should_stop, len(selected), size)
-    return np.asarray(selected, dtype=np.int64)
+    return np.asarray(selected, dtype=np.int64), float(min_dist.max()) if n else 0.0
 
 
 def _greedy_batched(points: np.ndarray, size: int, starts: np.ndarray,
                     progress: ProgressFn | None, should_stop: StopFn | None,
-                    candidates: int = 256, chunk: int = 32768) -> np.ndarray:
+                    candidates: int = 256, chunk: int = 32768) -> tuple[np.ndarray, float]:
     """The greedy rule, many centres per pass over the points (exactly the same picks).
+    Returns the picks and the coverage radius they reach.
 
     Take the `candidates` points farthest from the centres, in descending order
     q1, q2, ... Greedy would pick q1; then q2 as long as q1 does not come closer
@@ -242,7 +343,7 @@ def _greedy_batched(points: np.ndarray, size: int, starts: np.ndarray,
         if len(selected) - reported >= step:
             reported = len(selected)
             _report(progress, should_stop, len(selected), size)
-    return np.asarray(selected[:size], dtype=np.int64)
+    return np.asarray(selected[:size], dtype=np.int64), float(np.sqrt(max(float(min_dist.max()), 0.0)))
 
 
 def coverage_radius(features: np.ndarray, indices: np.ndarray, chunk: int = 8192) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from app.core.bank import MemoryBank
 from app.core.embedding import PatchEmbedder
 from app.core.images import decode_image, list_images
 from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank
@@ -83,13 +84,31 @@ def evaluate_category(
     search: tuple[str, str] = ("auto", "auto"),
 ) -> dict:
     """Build from train/good, score test/ one image at a time, return metrics and timings."""
-    from sklearn.metrics import roc_auc_score
-
     start = time.perf_counter()
     bank = build_bank(category.train, config, embedder, progress=progress)
     build_seconds = time.perf_counter() - start
+    result = evaluate_bank(bank, category, embedder, mask_threshold=mask_threshold, progress=progress, bins=bins,
+                           search=search)
+    result.update({"coreset_ratio": config.coreset_ratio, "seed": config.seed,
+                   "build_seconds": round(build_seconds, 2)})
+    return result
+
+
+def evaluate_bank(
+    bank: MemoryBank,
+    category: Category,
+    embedder: PatchEmbedder,
+    mask_threshold: int = 0,
+    progress: Callable[[str, float], None] | None = None,
+    bins: int = 1 << 16,
+    search: tuple[str, str] = ("auto", "auto"),
+) -> dict:
+    """Score test/ one image at a time against a built bank; metrics and timings."""
+    from sklearn.metrics import roc_auc_score
+
     build_peak = peak_rss_mb()
     model = PatchCoreModel(bank, embedder, search[0], search[1])  # type: ignore[arg-type]
+    config = bank.manifest.get("config") or {}
 
     has_masks = category.has_masks
     scores, labels, types, maps, masks, decisions = [], [], [], [], [], []
@@ -130,14 +149,14 @@ def evaluate_category(
     fn = int((~predicted & (label_array == 1)).sum())
     result = {
         "category": category.name,
-        "backbone": config.embedder.backbone,
-        "image_size": config.embedder.image_size,
+        "backbone": embedder.config.backbone,
+        "image_size": embedder.config.image_size,
         "feature_dim": embedder.feature_dim,
         "backbone_runtime": embedder.runtime,
         "backbone_precision": embedder.precision,
         "search": model.index.describe() if hasattr(model.index, "describe") else None,
-        "coreset_ratio": config.coreset_ratio,
-        "seed": config.seed,
+        "coreset_ratio": (bank.manifest.get("coreset") or {}).get("ratio"),
+        "seed": config.get("seed"),
         "test_images": len(scores),
         "image_auroc": float(roc_auc_score(label_array, score_array)),
         "image_auroc_by_type": {
@@ -157,7 +176,7 @@ def evaluate_category(
         "test_scores": [{"image": str(t.path.relative_to(category.root)), "type": kind, "score": round(score, 4)}
                         for t, kind, score in zip(category.test, types, scores, strict=True)],
         "bank_size": bank.size,
-        "build_seconds": round(build_seconds, 2),
+        "build_seconds": None,
         "build_timings": bank.manifest["timings"],
         "predict_ms_per_image": round(float(np.median(split["total"])), 2),
         "predict_ms_split": {k: round(float(np.median(v)), 2) for k, v in split.items()},

@@ -1,17 +1,21 @@
 """PatchCore: build a memory bank from nominal images, then score new images.
 
     build_bank(images) : embed -> greedy coreset (Sec. 3.2) -> calibrate on held-out nominals
+    append_to_bank(bank, images) : embed new images -> continue the coreset from the bank -> recalibrate
     PatchCoreModel.predict(images) : embed -> kNN to the bank (Sec. 3.3) -> score, decision, map
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +23,7 @@ import torch
 from app import __version__
 from app.core.bank import MemoryBank
 from app.core.calibration import Calibration, calibrate_f1, calibrate_from_nominal
-from app.core.coreset import coreset_size_for, greedy_coreset
+from app.core.coreset import continue_coreset, coreset_size_for, select_coreset
 from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import BankIncompatible, BuildCancelled, NotEnoughImages
 from app.core.images import as_rgb_array, decode_image
@@ -50,6 +54,13 @@ class PatchCoreConfig:
         data = asdict(self)
         data["embedder"] = self.embedder.to_dict()
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PatchCoreConfig:
+        """The config a bank was built with (its manifest's "config"); unknown keys are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"embedder"}
+        values = {k: v for k, v in data.items() if k in known}
+        return cls(embedder=EmbedderConfig.from_dict(data["embedder"]), **values)
 
 
 @dataclass
@@ -128,8 +139,12 @@ def build_bank(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     validation: tuple[Sequence[ImageSource], Sequence[int]] | None = None,
+    image_ids: Sequence[str] | None = None,
 ) -> MemoryBank:
     """Build a calibrated memory bank from nominal images.
+
+    `image_ids` (e.g. content hashes of the images) go into the lineage, so that a
+    later append can skip images the bank already descends from.
 
     `validation` = (images, labels with 1 = defective) switches the threshold to F1-optimal.
     progress(phase, fraction) is called with phases features, coreset, calibration.
@@ -148,10 +163,10 @@ def build_bank(
 
     start = time.perf_counter()
     size = coreset_size_for(features.shape[0], config.coreset_ratio, config.coreset_size)
-    selected = greedy_coreset(features, size, projection_dim=config.projection_dim,
-                              num_starts=config.num_starts, seed=config.seed, device=embedder.device,
-                              progress=lambda f: report("coreset", f), should_stop=should_stop)
-    bank_features = np.ascontiguousarray(features[np.sort(selected)])
+    selection = select_coreset(features, size, projection_dim=config.projection_dim,
+                               num_starts=config.num_starts, seed=config.seed, device=embedder.device,
+                               progress=lambda f: report("coreset", f), should_stop=should_stop)
+    bank_features = np.ascontiguousarray(features[np.sort(selection.indices)])
     total_patches = features.shape[0]
     del features
     timings["coreset_s"] = time.perf_counter() - start
@@ -167,17 +182,210 @@ def build_bank(
     report("calibration", 1.0)
     timings["calibration_s"] = time.perf_counter() - start
 
+    created_at = datetime.now(UTC).isoformat(timespec="seconds")
     manifest = {
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created_at": created_at,
         "software_version": __version__,
         "embedder": {**config.embedder.to_dict(), "feature_dim": embedder.feature_dim,
                      "stage_channels": list(embedder.stage_channels)},
         "config": config.to_dict(),
+        # coverage_radius: in the selection space (projection_dim, seed); an append build
+        # with until="radius" selects until its new patches are covered as well.
         "coreset": {"ratio": config.coreset_ratio, "size": int(bank_features.shape[0]),
                     "total_patches": int(total_patches), "projection_dim": config.projection_dim,
-                    "seed": config.seed},
+                    "seed": config.seed, "coverage_radius": selection.radius},
         "images": {"fit": len(fit_ids), "holdout": len(holdout_ids)},
+        "lineage": {"images": len(images), "images_in_bank": len(fit_ids), "total_patches": int(total_patches),
+                    "base_versions": [], "image_ids": list(image_ids or []),
+                    "steps": [{"mode": "full", "created_at": created_at, "fit": len(fit_ids),
+                               "holdout": len(holdout_ids), "patches": int(total_patches)}]},
         "calibration": calibration.to_dict(),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "distance": "euclidean",
+    }
+    return MemoryBank(features=bank_features, nominal_scores=nominal_scores, manifest=manifest)
+
+
+APPEND_UNTIL = ("size", "radius")
+
+
+def base_lineage(manifest: dict) -> dict:
+    """A bank's lineage; banks written before lineage was recorded get one from their manifest."""
+    if "lineage" in manifest:
+        return copy.deepcopy(manifest["lineage"])
+    images = manifest.get("images", {})
+    fit, holdout = int(images.get("fit", 0)), int(images.get("holdout", 0))
+    patches = manifest.get("coreset", {}).get("total_patches")
+    return {"images": fit + holdout, "images_in_bank": fit, "total_patches": patches, "base_versions": [],
+            "steps": [{"mode": "full", "created_at": manifest.get("created_at"), "fit": fit, "holdout": holdout,
+                       "patches": patches}]}
+
+
+def append_config(base_bank: MemoryBank, **overrides: Any) -> PatchCoreConfig:
+    """The base bank's own build config with `overrides` (e.g. coreset_ratio, seed, batch_size)."""
+    stored = dict(base_bank.manifest.get("config") or {})
+    stored["embedder"] = EmbedderConfig.from_dict(base_bank.embedder).to_dict()
+    return dataclasses.replace(PatchCoreConfig.from_dict(stored), **overrides)
+
+
+def _split_new(count: int, config: PatchCoreConfig) -> int:
+    """How many new images calibrate (scored before their own patches join the bank).
+
+    The full build's rule (10%, at least 5, at most half), but at least one: with a
+    single new image that image is scored against the base bank alone.
+    """
+    holdout = int(round(count * config.holdout_fraction))
+    return min(max(holdout, config.min_holdout), max(1, count // 2))
+
+
+def append_to_bank(
+    base_bank: MemoryBank,
+    new_images: Sequence[ImageSource],
+    config: PatchCoreConfig,
+    embedder: PatchEmbedder,
+    *,
+    base_version: str | None = None,
+    until: str = "size",
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    validation: tuple[Sequence[ImageSource], Sequence[int]] | None = None,
+    image_ids: Sequence[str] | None = None,
+) -> MemoryBank:
+    """A new bank from `base_bank` plus new nominal images, without the base's images.
+
+    The new bank holds every entry of the base (first, in the same order) plus new
+    patches picked by continuing the base's greedy coreset (`continue_coreset`):
+    - until="size": up to the target size, `config.coreset_ratio` of all patches the
+      lineage has seen (base total from the manifest + the new ones) or `coreset_size`;
+    - until="radius": the same cap, but stop as soon as the new patches are covered
+      within the base's recorded coverage radius (banks without one: size only).
+    Selection runs in the base's projection (its projection_dim and seed).
+
+    Calibration (see README, "Append builds"): a share of the new images (the full
+    build's holdout rule, at least one) is scored against the base plus the centres
+    from the other new images, then appended too. Their scores and the base's stored
+    held-out scores are both upper bounds of what those images would score against the
+    final bank (its entries are a superset, so every nearest distance can only shrink),
+    so the threshold errs towards fewer false alarms, never more.
+    """
+    if until not in APPEND_UNTIL:
+        raise ValueError(f"until must be one of {APPEND_UNTIL}, got {until!r}")
+    if not new_images:
+        raise NotEnoughImages("an append build needs at least one new image")
+    base_embedder = EmbedderConfig.from_dict(base_bank.embedder)
+    if embedder.config != base_embedder or config.embedder != base_embedder:
+        raise BankIncompatible(f"the base bank was built with {base_embedder}; cannot append with "
+                               f"{embedder.config if embedder.config != base_embedder else config.embedder}")
+    if base_bank.features.shape[1] != embedder.feature_dim:
+        raise BankIncompatible(f"base bank features have {base_bank.features.shape[1]} dims, "
+                               f"the embedder gives {embedder.feature_dim}")
+    base_config = base_bank.manifest.get("config") or {}
+    if int(base_config.get("reweight_neighbours", 0)) != config.reweight_neighbours:
+        raise ValueError("reweight_neighbours must stay that of the base bank (its stored scores use it)")
+    report = progress or (lambda phase, fraction: None)
+    timings: dict[str, float] = {}
+    lineage = base_lineage(base_bank.manifest)
+    base_coreset = base_bank.manifest.get("coreset") or {}
+    # The lineage's projection, so old and new points are compared in one space.
+    projection_dim = base_coreset.get("projection_dim", config.projection_dim)
+    projection_seed = int(base_coreset.get("seed", config.seed))
+    base_radius = base_coreset.get("coverage_radius")
+    stop_radius = float(base_radius) if until == "radius" and base_radius is not None else None
+
+    count = len(new_images)
+    holdout = _split_new(count, config)
+    order = np.random.default_rng(config.seed).permutation(count)
+    fit_ids, holdout_ids = np.sort(order[holdout:]), np.sort(order[:holdout])
+    per_image = embedder.grid_size ** 2
+
+    start = time.perf_counter()
+    sources = [new_images[i] for i in np.concatenate([fit_ids, holdout_ids])]
+    features = embed_images(embedder, sources, config.batch_size, lambda f: report("features", f), should_stop)
+    fit_features, holdout_features = features[:len(fit_ids) * per_image], features[len(fit_ids) * per_image:]
+    timings["features_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    base_total = lineage.get("total_patches")
+    total_patches = (int(base_total) if base_total is not None else 0) + features.shape[0]
+    if config.coreset_size is not None:
+        target = int(config.coreset_size)
+    elif base_total is None:
+        raise BankIncompatible("the base bank does not record its patch count; append with an absolute coreset size")
+    else:
+        target = coreset_size_for(total_patches, config.coreset_ratio)
+    budget = target - base_bank.size
+    if budget <= 0:
+        raise ValueError(f"the target bank size {target} does not exceed the base bank's {base_bank.size}: "
+                         "raise the coreset ratio or size")
+    # The budget is shared in proportion to the patches of each stage.
+    fit_budget = int(round(budget * len(fit_ids) / count))
+    fit_share = len(fit_ids) / count
+
+    def select(centres: np.ndarray, candidates: np.ndarray, size: int, share: float, offset: float):
+        return continue_coreset(centres, candidates, size, stop_radius=stop_radius, projection_dim=projection_dim,
+                                seed=projection_seed, device=embedder.device, should_stop=should_stop,
+                                progress=lambda f: report("coreset", offset + share * f))
+
+    first = select(base_bank.features, fit_features, fit_budget, fit_share, 0.0)
+    partial = np.concatenate([base_bank.features, fit_features[np.sort(first.indices)]])
+    timings["coreset_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    index = create_index(partial, embedder.device)
+    new_scores = score_patches(index, holdout_features.reshape(len(holdout_ids), embedder.grid_size,
+                                                               embedder.grid_size, -1),
+                               config.reweight_neighbours)[1]
+    del index
+    timings["calibration_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    second = select(partial, holdout_features, budget - fit_budget, 1.0 - fit_share, fit_share)
+    bank_features = np.ascontiguousarray(np.concatenate([partial, holdout_features[np.sort(second.indices)]]))
+    added = len(first.indices) + len(second.indices)
+    del features, fit_features, holdout_features, partial
+    timings["coreset_s"] += time.perf_counter() - start
+
+    start = time.perf_counter()
+    nominal_scores = np.concatenate([np.asarray(base_bank.nominal_scores, dtype=np.float64), new_scores])
+    calibration = calibrate_from_nominal(nominal_scores, config.false_alarm_rate, config.threshold_tail_margin)
+    if validation is not None:
+        index = create_index(bank_features, embedder.device)
+        val_scores = _score_sources(embedder, index, list(validation[0]), config, should_stop)
+        calibration = calibrate_f1(val_scores, np.asarray(validation[1]), nominal_scores)
+    report("calibration", 1.0)
+    timings["calibration_s"] += time.perf_counter() - start
+
+    # Old patches stay within the base radius of the base entries (all kept), so the
+    # lineage's radius is at most the larger of that and the new patches' radius.
+    radii = [first.radius if len(fit_ids) else 0.0, second.radius]
+    radius = None if base_radius is None else max(float(base_radius), *radii)
+    stopped_by = "radius" if stop_radius is not None and added < budget else "size"
+    created_at = datetime.now(UTC).isoformat(timespec="seconds")
+    lineage["images"] = int(lineage.get("images", 0)) + count
+    lineage["images_in_bank"] = int(lineage.get("images_in_bank", 0)) + count
+    lineage["total_patches"] = total_patches if base_total is not None else None
+    lineage["base_versions"] = [base_version, *lineage.get("base_versions", [])]
+    lineage["image_ids"] = [*lineage.get("image_ids", []), *(image_ids or [])]
+    lineage["steps"].append({"mode": "append", "created_at": created_at, "base_version": base_version,
+                             "images": count, "fit": len(fit_ids), "holdout": len(holdout_ids),
+                             "patches": count * per_image, "new_entries": added, "until": until,
+                             "stopped_by": stopped_by, "radius_target": stop_radius})
+    manifest = {
+        "created_at": created_at,
+        "software_version": __version__,
+        "embedder": {**config.embedder.to_dict(), "feature_dim": embedder.feature_dim,
+                     "stage_channels": list(embedder.stage_channels)},
+        "config": config.to_dict(),
+        "coreset": {"ratio": None if config.coreset_size is not None else config.coreset_ratio,
+                    "size": int(bank_features.shape[0]), "total_patches": lineage["total_patches"],
+                    "projection_dim": projection_dim, "seed": projection_seed, "coverage_radius": radius,
+                    "base_size": base_bank.size, "added": added},
+        "images": {"fit": len(fit_ids), "holdout": len(holdout_ids)},
+        "lineage": lineage,
+        "calibration": calibration.to_dict(),
+        # Every score is an upper bound of that image's score against this bank (see append_to_bank).
+        "calibration_scores": {"base_holdout": int(len(base_bank.nominal_scores)), "new_holdout": len(holdout_ids),
+                               "bound": "upper" if config.reweight_neighbours == 0 else "approximate"},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "distance": "euclidean",
     }

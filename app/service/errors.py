@@ -102,6 +102,14 @@ class RequestBodyTimeout(ServiceError):
     """The client stopped sending its body (slow-body guard)."""
 
 
+class InvalidBuildRequest(ServiceError):
+    """Build parameters that do not fit together (e.g. a backbone for an append build)."""
+
+
+class RecentImageNotFound(ServiceError):
+    """No image of that prediction is kept (unknown or expired request id, or not flagged)."""
+
+
 class TooFewImages(ServiceError):
     """A build needs more nominal images than were staged."""
 
@@ -132,6 +140,8 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     InsufficientStorage: (507, "insufficient_storage"),
     RequestBodyTimeout: (408, "request_timeout"),
     TooFewImages: (422, "not_enough_images"),
+    InvalidBuildRequest: (422, "invalid_build_request"),
+    RecentImageNotFound: (404, "recent_image_not_found"),
     storage.ProductNotFound: (404, "product_not_found"),
     storage.InvalidProductName: (422, "invalid_product_name"),
     storage.InvalidName: (422, "invalid_name"),

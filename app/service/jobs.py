@@ -1,7 +1,9 @@
 """Background bank builds: one worker thread, jobs with state, phase, progress and timings.
 
-A job reads the product's staging set, calls the engine's `build_bank` (which
-polls `should_stop` so a cancel takes effect between steps), and publishes the
+A job reads the product's staging set, calls the engine's `build_bank` (or, for
+mode "append", `append_to_bank` on a stored base version with the staged images
+that base does not already descend from; both poll `should_stop` so a cancel
+takes effect between steps), and publishes the
 bank through the `ProductCatalog` (a new immutable version in the store; when
 asked, activated and swapped in while requests keep flowing).
 
@@ -29,11 +31,21 @@ from typing import Any
 
 import numpy as np
 
+from app.core.bank import MemoryBank
 from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import BuildCancelled
-from app.core.patchcore import PatchCoreConfig, build_bank
+from app.core.patchcore import PatchCoreConfig, append_config, append_to_bank, build_bank
 from app.service.catalog import ProductCatalog
-from app.service.errors import JobConflict, JobNotFound, TooFewImages, status_and_code
+from app.service.errors import (
+    InvalidBuildRequest,
+    JobConflict,
+    JobNotFound,
+    NoNominalImages,
+    ProductNotFound,
+    TooFewImages,
+    VersionNotFound,
+    status_and_code,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +67,12 @@ class BuildParams:
     backbone: str | None = None
     seed: int | None = None
     activate: bool = True
+    mode: str = "full"                # "full" or "append"
+    base_version: str | None = None   # append: resolved to the active version at submit
+    until: str = "size"               # append: "size" or "radius"
 
     def config(self) -> PatchCoreConfig:
+        """The full build's config (an append build's comes from its base bank)."""
         defaults = PatchCoreConfig()
         embedder = defaults.embedder
         if self.backbone is not None:
@@ -68,6 +84,9 @@ class BuildParams:
         if self.seed is not None:
             changes["seed"] = self.seed
         return dataclasses.replace(defaults, **changes)
+
+    def append_overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in (("coreset_ratio", self.coreset_ratio), ("seed", self.seed)) if v is not None}
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,9 +180,14 @@ class JobRunner:
     # ---------------------------------------------------------------- API
     def submit(self, product: str, params: BuildParams, images: ImageSource,
                source: str = "staging", image_count: int | None = None) -> Job:
-        """Queue a build. `image_count`, when known, is checked against the minimum now."""
+        """Queue a build. `image_count`, when known, is checked against the minimum now.
+
+        An append build's base version is resolved now (default: the active one), so the
+        job says which version it extends even if another is activated meanwhile."""
         config = params.config()  # invalid parameters fail now, not in the worker
-        if image_count is not None and image_count < self.min_images:
+        if params.mode == "append":
+            params = self._resolve_base(product, params)
+        elif image_count is not None and image_count < self.min_images:
             raise TooFewImages(f"a build needs at least {self.min_images} nominal images; "
                                f"{image_count} are staged for {product!r}")
         with self._lock:
@@ -177,6 +201,17 @@ class JobRunner:
         self._changed()
         self._executor.submit(self._run, job, config, images)
         return job
+
+    def _resolve_base(self, product: str, params: BuildParams) -> BuildParams:
+        if params.backbone is not None:
+            raise InvalidBuildRequest("an append build keeps its base bank's backbone; leave backbone out")
+        versions = self.catalog.versions(product) if product in self.catalog.store.products() else []
+        if not versions:
+            raise ProductNotFound(f"no bank to append to: {product!r} has no stored version")
+        base = params.base_version or self.catalog.store.active_version(product)
+        if base not in versions:
+            raise VersionNotFound(f"{product!r} has no version {str(base)[:128]!r}; it has {versions}")
+        return dataclasses.replace(params, base_version=base)
 
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
@@ -256,12 +291,15 @@ class JobRunner:
             progress("loading", 0.0)
             paths = list(images())
             job.image_count = len(paths)
-            if len(paths) < self.min_images:
-                raise TooFewImages(f"a build needs at least {self.min_images} nominal images, "
-                                   f"got {len(paths)}")
-            embedder = self.embedder_for(config.embedder)
-            bank = build_bank(paths, config, embedder, progress=progress,
-                              should_stop=job.cancel_event.is_set)
+            if job.params.mode == "append":
+                bank = self._append(job, paths, progress)
+            else:
+                if len(paths) < self.min_images:
+                    raise TooFewImages(f"a build needs at least {self.min_images} nominal images, "
+                                       f"got {len(paths)}")
+                embedder = self.embedder_for(config.embedder)
+                bank = build_bank(paths, config, embedder, progress=progress,
+                                  should_stop=job.cancel_event.is_set, image_ids=_image_ids(job, paths))
             if job.cancel_event.is_set():
                 raise BuildCancelled("cancelled")
             progress("saving", 0.0)
@@ -294,6 +332,26 @@ class JobRunner:
         self._changed()
         if self._on_finished is not None:
             self._on_finished(job)
+
+    def _append(self, job: Job, paths: Sequence[Path | np.ndarray],
+                progress: Callable[[str, float], None]) -> MemoryBank:
+        """Append the staged images the base does not already descend from (staged files are
+        named by content hash, and service-built banks record those names in their lineage)."""
+        base_version, base = self.catalog.store.load(job.product, job.params.base_version)
+        known = set(base.manifest.get("lineage", {}).get("image_ids", []))
+        ids = _image_ids(job, paths)
+        if ids is not None:
+            paths = [p for p, i in zip(paths, ids, strict=True) if i not in known]
+            ids = [i for i in ids if i not in known]
+        if not paths:
+            raise NoNominalImages(f"every staged image is already in {base_version}'s lineage; "
+                                  "stage new images to append")
+        job.image_count = len(paths)
+        config = append_config(base, **job.params.append_overrides())
+        embedder = self.embedder_for(EmbedderConfig.from_dict(base.embedder))
+        return append_to_bank(base, paths, config, embedder, base_version=str(base_version),
+                              until=job.params.until, progress=progress,
+                              should_stop=job.cancel_event.is_set, image_ids=ids)
 
     def _finish(self, job: Job, state: str) -> None:
         job.state = state
@@ -351,3 +409,10 @@ class JobRunner:
         for job in sorted(restored, key=lambda j: j.created_at):
             self._jobs[job.id] = job
         self._trim()
+
+
+def _image_ids(job: Job, paths: Sequence[Path | np.ndarray]) -> list[str] | None:
+    """Staged files are named by their content hash: that name identifies the image."""
+    if job.source != "staging" or not all(isinstance(p, Path) for p in paths):
+        return None
+    return [p.stem for p in paths if isinstance(p, Path)]

@@ -24,6 +24,7 @@ from app.service.budget import DECODE_BYTES_PER_PIXEL, MemoryBudget
 from app.service.errors import ClientGone, Overloaded
 from app.service.inference import PredictOptions, PreparedImage, prepare, render, score_prepared
 from app.service.metrics import ServiceMetrics
+from app.service.recent import RecentImages
 from app.service.registry import EmbedderFactory, FailedProduct, LoadedProduct, ProductRegistry
 from app.service.settings import Settings
 from app.service.staging import UploadedFile
@@ -50,6 +51,7 @@ class Predictor:
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
         self.backbone_loaded = False
         self.banks_loaded = False
+        self.recent = RecentImages(int(settings.feedback_cache_mb * 1024 * 1024))
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -90,8 +92,10 @@ class Predictor:
 
     # ---------------------------------------------------------------- predict
     async def predict(self, product: str, uploads: Sequence[UploadedFile], options: PredictOptions,
-                      is_disconnected: Disconnected | None = None) -> dict:
-        """Prepare in the CPU pool, score through the batcher, render in the pool."""
+                      is_disconnected: Disconnected | None = None, request_id: str | None = None) -> dict:
+        """Prepare in the CPU pool, score through the batcher, render in the pool.
+
+        Flagged images are remembered under `request_id` (bounded) for false-alarm feedback."""
         loaded = self.registry.get(product)
         loop = asyncio.get_running_loop()
         keep = options.heatmap == "overlay"
@@ -138,6 +142,9 @@ class Predictor:
             results = [finish(i) for i in range(len(prepared))]
         self.metrics.images.labels(loaded.name).inc(len(results))
         anomalous = sum(1 for r in results if r["is_anomalous"])
+        for index, result in enumerate(results):
+            if result["is_anomalous"]:
+                self.recent.remember(request_id, index, loaded.name, uploads[index])
         if anomalous:
             self.metrics.anomalous.labels(loaded.name).inc(anomalous)
         return {"product": loaded.name, "results": results}

@@ -115,10 +115,35 @@ class StagingCleared(BaseModel):
 
 
 class BuildRequest(BaseModel):
-    coreset_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
-    backbone: str | None = Field(default=None, max_length=64)
+    mode: Literal["full", "append"] = Field(
+        default="full", description="full: a new bank from the whole staging set; append: the base "
+        "version plus the staged images it does not already descend from (its backbone and "
+        "feature settings are kept)")
+    base_version: str | None = Field(default=None, max_length=128,
+                                     description="append: the version to extend (default: the active one)")
+    until: Literal["size", "radius"] = Field(
+        default="size", description="append: grow to coreset_ratio of all patches seen (size), or stop "
+        "once the new patches are covered as well as the base's own (radius)")
+    coreset_ratio: float | None = Field(default=None, gt=0.0, le=1.0,
+                                        description="default 0.1; append: the base's")
+    backbone: str | None = Field(default=None, max_length=64, description="full builds only")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     activate: bool = Field(default=True, description="serve the new bank as soon as it is built")
+
+
+class FeedbackRequest(BaseModel):
+    """A recent prediction's image, by the X-Request-ID its answer carried."""
+
+    request_id: str = Field(min_length=1, max_length=128)
+    index: int | None = Field(default=None, ge=0, description="the image's index in that request "
+                              "(may be left out when the request held one image)")
+
+
+class FeedbackAdded(BaseModel):
+    product: str
+    added: int = Field(description="0 when the image was already staged")
+    count: int = Field(description="images now in the staging set")
+    source: Literal["upload", "recent"]
 
 
 class ActivateRequest(BaseModel):

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ jobs and logs
     max_finished_jobs: int = Field(default=100, ge=1)
+    # Recently flagged images kept (encoded, in memory) so a confirmed false alarm can be
+    # staged by request id (POST .../feedback); 0 keeps none.
+    feedback_cache_mb: float = Field(default=64.0, ge=0.0)
     # Fewer nominal images than this make a bank that cannot be calibrated honestly
     # (at least 5 are held out to set the threshold).
     min_build_images: int = Field(default=10, ge=2)

@@ -94,7 +94,7 @@ class StagingArea:
         """Validate every upload (zips expanded), then store them all. Returns what was added."""
         images: builtins.list[tuple[str, bytes]] = []
         for upload in files:
-            if self._is_zip(upload):
+            if self.is_zip(upload):
                 images.extend(self._expand_zip(upload))
             else:
                 images.append((upload.filename, upload.data))
@@ -152,7 +152,7 @@ class StagingArea:
         return _image_suffix(data)
 
     @staticmethod
-    def _is_zip(upload: UploadedFile) -> bool:
+    def is_zip(upload: UploadedFile) -> bool:
         if upload.content_type and upload.content_type.split(";")[0].strip() in ZIP_TYPES:
             return True
         return upload.filename.lower().endswith(".zip") or upload.data[:4] == b"PK\x03\x04"

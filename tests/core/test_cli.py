@@ -54,6 +54,35 @@ def test_build_then_predict_with_heatmaps(mini_mvtec, tmp_path):
         assert heatmap.size == (900, 900)
 
 
+def test_append_build_is_a_new_version_descending_from_the_active_one(mini_mvtec, tmp_path):
+    models = tmp_path / "models"
+    common = ("--models-dir", str(models), "--device", "cpu")
+    built = _run("build", "--product", "bottle", "--images", str(mini_mvtec / "bottle" / "train" / "good"),
+                 "--image-size", "128", "--coreset-ratio", "0.2", *common)
+    assert built.returncode == 0, built.stderr
+    base = json.loads(built.stdout)
+    # test/good holds nominal images the base never saw; backbone settings come from the base bank.
+    appended = _run("build", "--product", "bottle", "--images", str(mini_mvtec / "bottle" / "test" / "good"),
+                    "--append", *common)
+    assert appended.returncode == 0, appended.stderr
+    summary = json.loads(appended.stdout)
+    assert summary["base_version"] == base["version"] != summary["version"]
+    assert summary["bank_size"] > base["bank_size"] == summary["base_bank_size"]
+    assert summary["lineage"] == {"images": 13, "base_versions": [base["version"]], "stopped_by": "size"}
+    assert (models / "bottle" / "ACTIVE").read_text().strip() == summary["version"]
+    manifest = json.loads((models / "bottle" / summary["version"] / "manifest.json").read_text())
+    assert manifest["embedder"]["image_size"] == 128 and manifest["coreset"]["ratio"] == 0.2
+    # The base stays an ordinary version next to it.
+    again = _run("build", "--product", "bottle", "--images", str(mini_mvtec / "bottle" / "test" / "good"),
+                 "--append", "--base-version", base["version"], "--until", "radius", "--no-activate", *common)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["base_version"] == base["version"]
+    assert (models / "bottle" / "ACTIVE").read_text().strip() == summary["version"]
+    wrong = _run("build", "--product", "bottle", "--images", str(tmp_path), "--base-version", base["version"],
+                 *common)
+    assert wrong.returncode == 2 and "--append" in wrong.stderr
+
+
 def test_clear_errors_for_bad_input(tmp_path):
     missing = _run("predict", "--product", "nope", str(tmp_path / "x.png"), "--models-dir", str(tmp_path))
     assert missing.returncode == 2 and "no bank" in missing.stderr

@@ -35,8 +35,13 @@ def test_sync_client(server, bottle_job, bottle_good, bottle_defect, tile_train)
         done = client.wait_for_job(job["id"], timeout=300, poll_interval=0.2)
         assert done["state"] == "succeeded", done
         assert client.get_job(job["id"])["version"] == done["version"]
+        assert client.send_feedback("clientprod", tile_train[4])["added"] == 1
+        appended = client.wait_for_job(client.start_build("clientprod", mode="append")["id"], timeout=300,
+                                       poll_interval=0.2)
+        assert appended["state"] == "succeeded" and appended["image_count"] == 1, appended
+        assert appended["params"]["base_version"] == done["version"]
         assert client.activate("clientprod", done["version"])["version"] == done["version"]
-        assert client.clear_nominal("clientprod")["removed"] == 4
+        assert client.clear_nominal("clientprod")["removed"] == 5
         client.delete_product("clientprod")
         with pytest.raises(PatchCoreAPIError) as info:
             client.product("clientprod")

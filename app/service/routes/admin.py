@@ -5,12 +5,15 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from app.service.deps import AdminDep, CatalogDep, JobsDep, ProductDep, SettingsDep, StagingDep
+from app.service.deps import AdminDep, CatalogDep, JobsDep, PredictorDep, ProductDep, SettingsDep, StagingDep
+from app.service.errors import InvalidUpload, ProductNotFound
 from app.service.jobs import BuildParams
 from app.service.schemas import (
     ERROR_RESPONSES,
     ActivateRequest,
     BuildRequest,
+    FeedbackAdded,
+    FeedbackRequest,
     JobInfo,
     JobList,
     ProductInfo,
@@ -18,8 +21,8 @@ from app.service.schemas import (
     StagingCleared,
     StagingList,
 )
-from app.service.staging import ZIP_TYPES
-from app.service.uploads import read_uploads
+from app.service.staging import ZIP_TYPES, StagingArea
+from app.service.uploads import media_type, read_uploads
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep],
                    responses=ERROR_RESPONSES)
@@ -69,14 +72,61 @@ async def clear_nominal(product: ProductDep, staging: StagingDep) -> dict:
              status_code=status.HTTP_202_ACCEPTED)
 async def start_build(product: ProductDep, staging: StagingDep, jobs: JobsDep, response: Response,
                       params: Annotated[BuildRequest | None, Body()] = None) -> dict:
-    """Build a new bank from the staging set in the background; returns the job."""
+    """Build a new bank from the staging set in the background; returns the job.
+
+    mode "append" extends a stored version (default: the active one) with the staged
+    images it does not already descend from, instead of building from scratch."""
     params = params or BuildRequest()
     paths = await run_in_threadpool(staging.paths, product)
-    job = jobs.submit(product, BuildParams(params.coreset_ratio, params.backbone, params.seed,
-                                           params.activate), lambda: paths,
-                      image_count=len(paths))
+    job = await run_in_threadpool(
+        jobs.submit, product,
+        BuildParams(params.coreset_ratio, params.backbone, params.seed, params.activate,
+                    mode=params.mode, base_version=params.base_version, until=params.until),
+        lambda: paths, image_count=len(paths))
     response.headers["Location"] = f"/v1/admin/jobs/{job.id}"
     return job.describe()
+
+
+FEEDBACK_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The image of a confirmed false alarm: uploaded (one raw image/* body or "
+                       "multipart files), or as JSON naming a recent prediction by the X-Request-ID "
+                       "of its answer (kept in memory, bounded: PATCHCORE_FEEDBACK_CACHE_MB).",
+        "content": {
+            "image/*": {"schema": _FILE},
+            "multipart/form-data": {"schema": {
+                "type": "object", "properties": {"files": {"type": "array", "items": _FILE}}}},
+            "application/json": {"schema": FeedbackRequest.model_json_schema()},
+        },
+    }
+}
+
+
+@router.post("/products/{product}/feedback", response_model=FeedbackAdded,
+             status_code=status.HTTP_201_CREATED, openapi_extra=FEEDBACK_BODY)
+async def add_feedback(product: ProductDep, request: Request, staging: StagingDep, catalog: CatalogDep,
+                       predictor: PredictorDep, settings: SettingsDep) -> dict:
+    """Stage a confirmed false alarm (a good part the service flagged) for the next append build.
+
+    Only images that decode within the limits are staged; nothing else is written."""
+    if not await run_in_threadpool(catalog.exists, product):
+        raise ProductNotFound(f"no product named {product!r}")
+    if media_type(request) == "application/json":
+        try:
+            body = FeedbackRequest.model_validate_json(await request.body())
+        except ValueError as exc:
+            raise InvalidUpload(f"feedback JSON must be {{\"request_id\": ..., \"index\": ...}}: {exc}") from exc
+        uploads = [predictor.recent.get(product, body.request_id, body.index)]
+        source = "recent"
+    else:
+        uploads = await read_uploads(request, settings.max_images_per_request)
+        source = "upload"
+    if any(StagingArea.is_zip(u) for u in uploads):
+        raise InvalidUpload("feedback takes images, not archives; stage archives with POST .../nominal")
+    added = await run_in_threadpool(staging.add, product, uploads)
+    count = len(await run_in_threadpool(staging.list, product))
+    return {"product": product, "added": len(added), "count": count, "source": source}
 
 
 @router.get("/jobs", response_model=JobList)

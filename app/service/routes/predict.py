@@ -6,6 +6,7 @@ from fastapi import APIRouter, Query, Request
 
 from app.service.deps import ProductDep, ReadyPredictorDep
 from app.service.inference import PredictOptions
+from app.service.logging import request_id_var
 from app.service.schemas import ERROR_RESPONSES, PredictResponse
 from app.service.uploads import read_uploads
 
@@ -46,4 +47,4 @@ async def predict(product: ProductDep, request: Request, predictor: ReadyPredict
     predictor.get(product)  # an unknown product answers 404 before the body is read
     uploads = await read_uploads(request, predictor.settings.max_images_per_request)
     return await predictor.predict(product, uploads, PredictOptions(heatmap, regions),
-                                   is_disconnected=request.is_disconnected)
+                                   is_disconnected=request.is_disconnected, request_id=request_id_var.get())
