@@ -57,8 +57,8 @@ def main() -> int:
     category.train = category.train[::args.train_every]
     embedder = create_embedder(config.embedder, device=args.device, weights_path=args.weights)
     started = time.perf_counter()
-    result = evaluate_category(category, config, embedder, mask_threshold=127 if args.category == "magnetic_tile" else 0,
-                               extra_scores=RULES)
+    mask_threshold = 127 if args.category == "magnetic_tile" else 0  # as `eval`: anti-aliased masks
+    result = evaluate_category(category, config, embedder, mask_threshold=mask_threshold, extra_scores=RULES)
     result.update(name=args.name, train_images=len(category.train), train_every=args.train_every,
                   wall_seconds=round(time.perf_counter() - started, 1),
                   command="python benchmarks/sweep_levers.py " + " ".join(sys.argv[1:]))

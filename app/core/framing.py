@@ -72,7 +72,7 @@ class Framing:
             return cls()
         roi = data.get("roi")
         framing = cls(mode=str(data.get("mode", "whole")), fraction=float(data.get("fraction", 1.0)),
-                      roi=tuple(int(v) for v in roi) if roi is not None else None)  # type: ignore[arg-type]
+                      roi=_box4(roi) if roi is not None else None)
         framing.validate()
         return framing
 
@@ -88,7 +88,7 @@ class Framing:
                 raise ValueError(f"roi must be x0,y0,x1,y1 in pixels, got {roi!r}") from exc
             if len(values) != 4:
                 raise ValueError(f"roi must be x0,y0,x1,y1 in pixels, got {roi!r}")
-            framing = cls(mode="roi", roi=values)  # type: ignore[arg-type]
+            framing = cls(mode="roi", roi=_box4(values))
         elif centre_crop is not None and centre_crop != 1.0:
             framing = cls(mode="centre", fraction=float(centre_crop))
         else:
@@ -102,6 +102,13 @@ class Framing:
         if self.mode == "roi" and self.roi is not None:
             return "roi " + ",".join(str(v) for v in self.roi)
         return "whole frame"
+
+
+def _box4(values) -> tuple[int, int, int, int]:
+    if len(values) != 4:
+        raise ValueError(f"roi must have 4 values x0,y0,x1,y1, got {values!r}")
+    x0, y0, x1, y1 = (int(v) for v in values)
+    return x0, y0, x1, y1
 
 
 def paste_box(box: Box, height: int, width: int) -> tuple[int, int, int, int]:
