@@ -88,8 +88,10 @@ def _predict_params(heatmap: str, regions: bool) -> dict[str, str]:
     return {"heatmap": heatmap, "regions": "true" if regions else "false"}
 
 
-def _build_body(coreset_ratio: float | None, backbone: str | None, seed: int | None) -> dict:
-    body: dict[str, Any] = {}
+def _build_body(coreset_ratio: float | None, backbone: str | None, seed: int | None,
+                options: dict[str, Any] | None = None) -> dict:
+    # options: the other BuildRequest fields (image_size, centre_crop, roi, false_alarm_rate, ...)
+    body: dict[str, Any] = {k: v for k, v in (options or {}).items() if v is not None}
     if coreset_ratio is not None:
         body["coreset_ratio"] = coreset_ratio
     if backbone is not None:
@@ -181,9 +183,9 @@ class PatchCoreClient:
         return _json(self._http.delete(f"/v1/admin/products/{product}/nominal"))
 
     def start_build(self, product: str, coreset_ratio: float | None = None,
-                    backbone: str | None = None, seed: int | None = None) -> dict:
+                    backbone: str | None = None, seed: int | None = None, **options: Any) -> dict:
         return _json(self._http.post(f"/v1/admin/products/{product}/builds",
-                                     json=_build_body(coreset_ratio, backbone, seed)))
+                                     json=_build_body(coreset_ratio, backbone, seed, options)))
 
     def get_job(self, job_id: str) -> dict:
         return _json(self._http.get(f"/v1/admin/jobs/{job_id}"))
@@ -286,9 +288,9 @@ class AsyncPatchCoreClient:
         return _json(await self._http.delete(f"/v1/admin/products/{product}/nominal"))
 
     async def start_build(self, product: str, coreset_ratio: float | None = None,
-                          backbone: str | None = None, seed: int | None = None) -> dict:
+                          backbone: str | None = None, seed: int | None = None, **options: Any) -> dict:
         return _json(await self._http.post(f"/v1/admin/products/{product}/builds",
-                                           json=_build_body(coreset_ratio, backbone, seed)))
+                                           json=_build_body(coreset_ratio, backbone, seed, options)))
 
     async def get_job(self, job_id: str) -> dict:
         return _json(await self._http.get(f"/v1/admin/jobs/{job_id}"))

@@ -84,7 +84,11 @@ class Prediction:
         renders at a bounded size, so a 40 MP photo never costs a 40 MP float map."""
         if tuple(size) == tuple(self.size):
             return self.normalised_map
-        return self.calibration.normalise(to_original_size(self.smoothed_map, size)).astype(np.float32)
+        box = None
+        if self.box is not None:  # the framed box, from original pixels to the map's
+            sy, sx = size[0] / self.size[0], size[1] / self.size[1]
+            box = (self.box[0] * sx, self.box[1] * sy, self.box[2] * sx, self.box[3] * sy)
+        return self.calibration.normalise(to_original_size(self.smoothed_map, size, box)).astype(np.float32)
 
 
 def _as_array(source: ImageSource) -> np.ndarray:

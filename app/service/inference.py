@@ -65,7 +65,7 @@ def prepare(product: LoadedProduct, data: bytes, max_pixels: int, keep_image: bo
     need = max(product.embedder.config.image_size, max_map_side if keep_image else 0)
     image, size = decode_for_model(data, max_pixels=max_pixels, min_side=need)
     map_size = bounded_size(size, max_map_side)
-    tensor = product.embedder.preprocess([image])[0]
+    tensor = product.model.preprocess([image])[0]  # framed as the product's bank
     kept = None
     if keep_image:
         kept = image if image.shape[:2] == map_size else np.asarray(

@@ -73,7 +73,8 @@ async def start_build(product: ProductDep, staging: StagingDep, jobs: JobsDep, r
     params = params or BuildRequest()
     paths = await run_in_threadpool(staging.paths, product)
     job = jobs.submit(product, BuildParams(params.coreset_ratio, params.backbone, params.seed,
-                                           params.activate), lambda: paths,
+                                           params.activate, params.image_size, params.framing(),
+                                           params.false_alarm_rate), lambda: paths,
                       image_count=len(paths))
     response.headers["Location"] = f"/v1/admin/jobs/{job.id}"
     return job.describe()
