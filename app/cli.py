@@ -39,7 +39,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="local weights file for backbones without packaged weights (ResNets)")
     parser.add_argument("--image-size", type=int, default=defaults.embedder.image_size)
     parser.add_argument("--stage-dim", type=int, default=defaults.embedder.stage_dim,
-                        help="values kept per backbone stage (default: all)")
+                        help="values kept per backbone stage (0: all; default %(default)s)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--coreset-size", type=int, default=None, help="absolute bank size (overrides ratio)")
     parser.add_argument("--projection-dim", type=int, default=128,
@@ -89,7 +89,7 @@ def _config_from(args: argparse.Namespace):
     from app.core.framing import Framing
     from app.core.patchcore import PatchCoreConfig
 
-    embedder = EmbedderConfig(backbone=args.backbone, image_size=args.image_size, stage_dim=args.stage_dim,
+    embedder = EmbedderConfig(backbone=args.backbone, image_size=args.image_size, stage_dim=args.stage_dim or None,
                               aggregation=args.aggregation)
     embedder.validate()
     return PatchCoreConfig(embedder=embedder, coreset_ratio=args.coreset_ratio, coreset_size=args.coreset_size,

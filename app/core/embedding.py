@@ -38,15 +38,17 @@ class EmbedderConfig:
     image_size: int = 224
     # Neighbourhood for local aggregation (p in the paper, 3).
     patch_size: int = 3
-    # Channels kept per stage (adaptive average pooling over channels); None
-    # keeps them all. The official code pools every stage to 1024 even when it
-    # has 40 channels; that only replicates values and makes search 7x slower.
-    stage_dim: int | None = None
+    # Values kept per stage (adaptive average pooling over the stage's vector);
+    # None keeps them all. The official code pools every stage to 1024, which for
+    # EfficientNet-Lite0's 40 x 9 values only replicates them and makes search slower.
+    stage_dim: int | None = 256
     # How the p x p neighbourhood of a position becomes one vector (Eq. 2):
-    # "mean" averages it (C values per stage); "flatten" keeps each position's
-    # C x p x p patch as one vector, as the official code does, so the layout of
-    # the neighbourhood survives, then pools it to stage_dim (C * p * p when None).
-    aggregation: str = "mean"
+    # "flatten" keeps each position's C x p x p patch as one channel-major vector,
+    # as the official code does, so the layout of the neighbourhood survives, then
+    # pools it to stage_dim; "mean" averages the neighbourhood (C values per stage).
+    # Measured on transistor / magnetic_tile / bottle (README): flatten lifts image
+    # AUROC from 0.921 to 0.995 / 0.787 to 0.881 (subset) / 1.000 to 1.000.
+    aggregation: str = "flatten"
 
     def to_dict(self) -> dict:
         return asdict(self)
