@@ -298,7 +298,7 @@ class BatchItem:
     """One preprocessed image for `predict_batch`, with the model that scores it."""
 
     model: PatchCoreModel
-    tensor: torch.Tensor          # (3, S, S) float32, from model.embedder.preprocess
+    tensor: torch.Tensor          # (3, S, S) float32, from model.preprocess (framed)
     size: tuple[int, int]         # original (H, W)
 
 
