@@ -59,6 +59,16 @@ class Framing:
         sy, sx = array_size[0] / original_size[0], array_size[1] / original_size[1]
         return (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
 
+    def min_decode_side(self, network_side: int) -> int | None:
+        """The short side a reduced-scale decode must keep for the framed box to still
+        get `network_side` pixels; None = decode at full size (a roi's share of the
+        frame is unknown before the image's size is)."""
+        if self.mode == "roi":
+            return None
+        if self.mode == "centre":
+            return int(-(-network_side // self.fraction))
+        return network_side
+
     def is_whole(self) -> bool:
         return self.mode == "whole" or (self.mode == "centre" and self.fraction == 1.0)
 

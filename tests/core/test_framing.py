@@ -35,6 +35,12 @@ def test_bad_framing_is_refused(kwargs):
         Framing.parse(**kwargs)
 
 
+def test_reduced_decode_keeps_the_framed_box_at_network_size():
+    assert Framing().min_decode_side(224) == 224
+    assert Framing.parse(centre_crop=0.5).min_decode_side(224) == 448
+    assert Framing.parse(roi="0,0,10,10").min_decode_side(224) is None
+
+
 def test_framing_dict_round_trip_and_old_banks():
     for framing in (Framing(), Framing.parse(centre_crop=0.8), Framing.parse(roi="1,2,30,40")):
         assert Framing.from_dict(framing.to_dict()) == framing

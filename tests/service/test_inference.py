@@ -58,6 +58,7 @@ def test_a_failing_product_fails_only_its_images(server, bottle_job, bottle_good
 
     class Broken:
         embedder = bottle.embedder
+        framing = bottle.model.framing
 
         def preprocess(self, arrays, original_sizes=None):
             return bottle.model.preprocess(arrays, original_sizes)
