@@ -30,13 +30,17 @@ def _models_dir(value: str | None) -> Path:
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     from app.core.backbones import BACKBONES, DEFAULT_BACKBONE
+    from app.core.embedding import AGGREGATIONS
+    from app.core.patchcore import PatchCoreConfig
+
+    defaults = PatchCoreConfig()
 
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
     parser.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV),
                         help="local weights file for backbones without packaged weights (ResNets)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--stage-dim", type=int, default=None,
-                        help="channels kept per backbone stage (default: all)")
+    parser.add_argument("--image-size", type=int, default=defaults.embedder.image_size)
+    parser.add_argument("--stage-dim", type=int, default=defaults.embedder.stage_dim,
+                        help="values kept per backbone stage (0: all; default %(default)s)")
     parser.add_argument("--coreset-ratio", type=float, default=None,
                         help="fraction of all patches kept (default 0.1; with --append: the base bank's)")
     parser.add_argument("--coreset-size", type=int, default=None, help="absolute bank size (overrides ratio)")
@@ -44,6 +48,19 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="random projection for coreset selection (0: select in the feature space)")
     parser.add_argument("--reweight", type=int, default=0, metavar="B",
                         help="Eq. 7 reweighting with B neighbours (0: off)")
+    parser.add_argument("--aggregation", default=defaults.embedder.aggregation, choices=list(AGGREGATIONS),
+                        help="3x3 neighbourhood: mean, or flatten (official: C x 3 x 3 pooled to --stage-dim)")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k,
+                        help="image score = mean of the top K patch scores (1: the maximum)")
+    framing = parser.add_mutually_exclusive_group()
+    framing.add_argument("--centre-crop", type=float, default=None, metavar="F",
+                         help="frame the central fraction F of width and height (0.875 = resize 256, crop 224)")
+    framing.add_argument("--roi", default=None, metavar="X0,Y0,X1,Y1",
+                         help="frame this box, in original-image pixels (default: the whole frame)")
+    parser.add_argument("--holdout-fraction", type=float, default=defaults.holdout_fraction,
+                        help="nominal images kept out of the bank to calibrate the threshold")
+    parser.add_argument("--false-alarm-rate", type=float, default=defaults.false_alarm_rate,
+                        help="false-alarm budget on good parts for the nominal-only threshold (0.001 = 1 in 1,000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"),
                         choices=["auto", "cpu", "cuda"])
@@ -71,12 +88,17 @@ def _embedder_from(args: argparse.Namespace, config):
 
 def _config_from(args: argparse.Namespace):
     from app.core.embedding import EmbedderConfig
+    from app.core.framing import Framing
     from app.core.patchcore import PatchCoreConfig
 
-    embedder = EmbedderConfig(backbone=args.backbone, image_size=args.image_size, stage_dim=args.stage_dim)
+    embedder = EmbedderConfig(backbone=args.backbone, image_size=args.image_size, stage_dim=args.stage_dim or None,
+                              aggregation=args.aggregation)
+    embedder.validate()
     ratio = 0.1 if args.coreset_ratio is None else args.coreset_ratio
     return PatchCoreConfig(embedder=embedder, coreset_ratio=ratio, coreset_size=args.coreset_size,
                            projection_dim=args.projection_dim or None, reweight_neighbours=args.reweight,
+                           top_k=args.top_k, framing=Framing.parse(args.centre_crop, args.roi),
+                           holdout_fraction=args.holdout_fraction, false_alarm_rate=args.false_alarm_rate,
                            seed=args.seed)
 
 

@@ -89,8 +89,11 @@ def _predict_params(heatmap: str, regions: bool) -> dict[str, str]:
 
 
 def _build_body(coreset_ratio: float | None, backbone: str | None, seed: int | None,
-                mode: str = "full", base_version: str | None = None, until: str = "size") -> dict:
-    body: dict[str, Any] = {"mode": mode, "until": until}
+                mode: str = "full", base_version: str | None = None, until: str = "size",
+                options: dict[str, Any] | None = None) -> dict:
+    # options: the other BuildRequest fields (image_size, centre_crop, roi, false_alarm_rate, ...)
+    body: dict[str, Any] = {k: v for k, v in (options or {}).items() if v is not None}
+    body.update({"mode": mode, "until": until})
     if base_version is not None:
         body["base_version"] = base_version
     if coreset_ratio is not None:
@@ -185,10 +188,12 @@ class PatchCoreClient:
 
     def start_build(self, product: str, coreset_ratio: float | None = None,
                     backbone: str | None = None, seed: int | None = None, *, mode: str = "full",
-                    base_version: str | None = None, until: str = "size") -> dict:
-        """mode="append": extend base_version (default: the active one) with the new staged images."""
-        return _json(self._http.post(f"/v1/admin/products/{product}/builds",
-                                     json=_build_body(coreset_ratio, backbone, seed, mode, base_version, until)))
+                    base_version: str | None = None, until: str = "size", **options: Any) -> dict:
+        """mode="append": extend base_version (default: the active one) with the new staged images.
+        `options`: the other BuildRequest fields (image_size, centre_crop, roi, false_alarm_rate)."""
+        return _json(self._http.post(
+            f"/v1/admin/products/{product}/builds",
+            json=_build_body(coreset_ratio, backbone, seed, mode, base_version, until, options)))
 
     def send_feedback(self, product: str, image: ImageInput | None = None, *, request_id: str | None = None,
                       index: int | None = None) -> dict:
@@ -302,10 +307,10 @@ class AsyncPatchCoreClient:
 
     async def start_build(self, product: str, coreset_ratio: float | None = None,
                           backbone: str | None = None, seed: int | None = None, *, mode: str = "full",
-                          base_version: str | None = None, until: str = "size") -> dict:
+                          base_version: str | None = None, until: str = "size", **options: Any) -> dict:
         return _json(await self._http.post(
             f"/v1/admin/products/{product}/builds",
-            json=_build_body(coreset_ratio, backbone, seed, mode, base_version, until)))
+            json=_build_body(coreset_ratio, backbone, seed, mode, base_version, until, options)))
 
     async def send_feedback(self, product: str, image: ImageInput | None = None, *,
                             request_id: str | None = None, index: int | None = None) -> dict:

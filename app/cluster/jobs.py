@@ -17,7 +17,6 @@ banks): Ray restarts it empty.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import tempfile
 import threading
@@ -60,7 +59,7 @@ class JobBoard:
         for job in self.jobs.values():
             if job.product == product and job.active:
                 return {"conflict": f"a build for {product!r} is already {job.state}: {job.id}"}
-        job = Job(uuid.uuid4().hex, product, BuildParams(**params), source=source,
+        job = Job(uuid.uuid4().hex, product, BuildParams.from_dict(params), source=source,
                   image_count=len(images))
         self.jobs[job.id] = job
         self._trim()
@@ -213,7 +212,7 @@ def build_task(job_id: str, product: str, params: dict, images: list[tuple[str, 
 
     try:
         settings = Settings()
-        config = BuildParams(**params).config()
+        config = BuildParams.from_dict(params).config()
         with tempfile.TemporaryDirectory(prefix="build-") as tmp:
             paths = []
             for index, (name, data) in enumerate(images):
@@ -281,7 +280,7 @@ class RayJobRunner(JobRunner):
         if len(data) < self.min_images:
             raise TooFewImages(f"a build needs at least {self.min_images} nominal images; "
                                f"{len(data)} are staged for {product!r}")
-        return _answer(ray.get(self.board.submit.remote(product, dataclasses.asdict(params), data,
+        return _answer(ray.get(self.board.submit.remote(product, params.describe(), data,
                                                           source)))
 
     def get(self, job_id: str) -> Job:

@@ -1,6 +1,6 @@
 """Locally aware patch features (PatchCore, Sec. 3.1).
 
-images (B, 3, S, S) -> backbone stages at stride 8 and 16 -> 3x3 neighbourhood
+images (B, 3, S, S) -> backbone stages at stride 8 and 16 -> p x p neighbourhood
 aggregation on each stage (Eq. 2) -> the stride-16 map upsampled to the stride-8
 grid -> both stages combined into one vector per patch: (B, S/8, S/8, D).
 """
@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from app.core.backbones import DEFAULT_BACKBONE, get_backbone_spec, load_backbone
+from app.core.framing import Box
 from app.core.ov_runtime import OpenVINOStages, resolve_precision, resolve_runtime
+
+AGGREGATIONS = ("mean", "flatten")
 
 
 @dataclass(frozen=True)
@@ -35,17 +38,26 @@ class EmbedderConfig:
     image_size: int = 224
     # Neighbourhood for local aggregation (p in the paper, 3).
     patch_size: int = 3
-    # Channels kept per stage (adaptive average pooling over channels); None
-    # keeps them all. The official code pools every stage to 1024 even when it
-    # has 40 channels; that only replicates values and makes search 7x slower.
-    stage_dim: int | None = None
+    # Values kept per stage (adaptive average pooling over the stage's vector);
+    # None keeps them all. The official code pools every stage to 1024, which for
+    # EfficientNet-Lite0's 40 x 9 values only replicates them and makes search slower.
+    stage_dim: int | None = 256
+    # How the p x p neighbourhood of a position becomes one vector (Eq. 2):
+    # "flatten" keeps each position's C x p x p patch as one channel-major vector,
+    # as the official code does, so the layout of the neighbourhood survives, then
+    # pools it to stage_dim; "mean" averages the neighbourhood (C values per stage).
+    # Measured on transistor / magnetic_tile / bottle (README): flatten lifts image
+    # AUROC from 0.921 to 0.995 / 0.787 to 0.881 (subset) / 1.000 to 1.000.
+    aggregation: str = "flatten"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> EmbedderConfig:
-        return cls(**{k: data[k] for k in ("backbone", "image_size", "patch_size", "stage_dim")})
+        # Banks from before `aggregation` existed averaged the neighbourhood.
+        return cls(**{k: data[k] for k in ("backbone", "image_size", "patch_size", "stage_dim")},
+                   aggregation=str(data.get("aggregation", "mean")))
 
     def validate(self) -> None:
         get_backbone_spec(self.backbone)
@@ -55,6 +67,8 @@ class EmbedderConfig:
             raise ValueError("patch_size must be odd and >= 1")
         if self.stage_dim is not None and self.stage_dim < 1:
             raise ValueError("stage_dim must be positive")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -100,19 +114,34 @@ class PatchEmbedder:
         self.feature_dim = sum(self._kept_dims())
 
     # ---------------------------------------------------------------- preprocessing
-    def preprocess_one(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (3, S, S) float32 normalised."""
+    def preprocess_one(self, image: np.ndarray, box: Box | None = None) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, S, S) float32 normalised.
+
+        `box` (x0, y0, x1, y1) in the array's pixels (sub-pixel allowed) is the
+        framed part that is resized to S x S; None = the whole array.
+        """
         size = self.config.image_size
-        if image.shape[0] != size or image.shape[1] != size:
-            image = np.asarray(
-                Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-            )
+        height, width = image.shape[:2]
+        whole = box is None or (box[0] <= 0 and box[1] <= 0 and box[2] >= width and box[3] >= height)
+        if not whole and box is not None:
+            # Cut the enclosing pixel window first, so no pixel outside the box reaches
+            # the resampling filter; the sub-pixel rest goes to PIL's box.
+            left, top = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+            right, bottom = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
+            window = np.ascontiguousarray(image[top:bottom, left:right])
+            image = np.asarray(Image.fromarray(window).resize(
+                (size, size), Image.Resampling.BILINEAR, reducing_gap=None,
+                box=(box[0] - left, box[1] - top, min(box[2], right) - left, min(box[3], bottom) - top)))
+        elif height != size or width != size:
+            image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR,
+                                                             reducing_gap=None))
         normalised = (image.astype(np.float32) - self._mean) * self._inv_std
         return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """list of (H, W, 3) uint8 -> (B, 3, S, S) float32."""
-        return torch.stack([self.preprocess_one(image) for image in images])
+    def preprocess(self, images: Sequence[np.ndarray], boxes: Sequence[Box | None] | None = None) -> torch.Tensor:
+        """list of (H, W, 3) uint8 [+ one framed box each, in array pixels] -> (B, 3, S, S) float32."""
+        boxes = boxes if boxes is not None else [None] * len(images)
+        return torch.stack([self.preprocess_one(image, box) for image, box in zip(images, boxes, strict=True)])
 
     # ---------------------------------------------------------------- features
     @torch.inference_mode()
@@ -129,8 +158,14 @@ class PatchEmbedder:
         height, width = stages[0].shape[-2:]
         parts = []
         for stage, kept in zip(stages, self._kept_dims(), strict=True):
-            # f_agg: average over the p x p neighbourhood of each position (Eq. 2).
-            local = F.avg_pool2d(stage, kernel_size=p, stride=1, padding=p // 2, count_include_pad=False)
+            if self.config.aggregation == "flatten":
+                # Each position's C x p x p neighbourhood as one channel-major vector
+                # (zero padding at the border), as the official code's unfold.
+                batch, _, h, w = stage.shape
+                local = F.unfold(stage, kernel_size=p, padding=p // 2).reshape(batch, -1, h, w)
+            else:
+                # f_agg: average over the p x p neighbourhood of each position (Eq. 2).
+                local = F.avg_pool2d(stage, kernel_size=p, stride=1, padding=p // 2, count_include_pad=False)
             if local.shape[-2:] != (height, width):
                 # Deeper, coarser map upsampled to the stride-8 grid (Sec. 3.1).
                 local = F.interpolate(local, size=(height, width), mode="bilinear", align_corners=False)
@@ -146,7 +181,9 @@ class PatchEmbedder:
 
     def _kept_dims(self) -> list[int]:
         cap = self.config.stage_dim
-        return [channels if cap is None else min(cap, channels) for channels in self.stage_channels]
+        per_position = self.config.patch_size ** 2 if self.config.aggregation == "flatten" else 1
+        return [channels * per_position if cap is None else min(cap, channels * per_position)
+                for channels in self.stage_channels]
 
     @torch.inference_mode()
     def _probe_channels(self) -> tuple[int, ...]:

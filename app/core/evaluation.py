@@ -82,13 +82,19 @@ def evaluate_category(
     progress: Callable[[str, float], None] | None = None,
     bins: int = 1 << 16,
     search: tuple[str, str] = ("auto", "auto"),
+    extra_scores: dict[str, Callable[[np.ndarray], float]] | None = None,
 ) -> dict:
-    """Build from train/good, score test/ one image at a time, return metrics and timings."""
+    """Build from train/good, score test/ one image at a time, return metrics and timings.
+
+    `extra_scores` maps a name to another image-score rule on an image's (h, w)
+    patch scores; their image AUROCs come back under `image_auroc_alternatives`.
+    """
+
     start = time.perf_counter()
     bank = build_bank(category.train, config, embedder, progress=progress)
     build_seconds = time.perf_counter() - start
     result = evaluate_bank(bank, category, embedder, mask_threshold=mask_threshold, progress=progress, bins=bins,
-                           search=search)
+                           search=search, extra_scores=extra_scores)
     result.update({"coreset_ratio": config.coreset_ratio, "seed": config.seed,
                    "build_seconds": round(build_seconds, 2)})
     return result
@@ -102,6 +108,7 @@ def evaluate_bank(
     progress: Callable[[str, float], None] | None = None,
     bins: int = 1 << 16,
     search: tuple[str, str] = ("auto", "auto"),
+    extra_scores: dict[str, Callable[[np.ndarray], float]] | None = None,
 ) -> dict:
     """Score test/ one image at a time against a built bank; metrics and timings."""
     from sklearn.metrics import roc_auc_score
@@ -112,22 +119,28 @@ def evaluate_bank(
 
     has_masks = category.has_masks
     scores, labels, types, maps, masks, decisions = [], [], [], [], [], []
+    alternatives: dict[str, list[float]] = {}
     split: dict[str, list[float]] = {"decode": [], "backbone": [], "search": [], "map": [], "total": []}
     for i, item in enumerate(category.test):
         t0 = time.perf_counter()
         image = decode_image(item.path, max_pixels=None)
         t1 = time.perf_counter()
-        embeddings = embedder.embed(embedder.preprocess([image])).numpy()
+        embeddings = embedder.embed(model.preprocess([image])).numpy()
         t2 = time.perf_counter()
-        patch_scores, image_scores = score_patches(model.index, embeddings, model.reweight_neighbours)
+        patch_scores, image_scores = score_patches(model.index, embeddings, model.reweight_neighbours, model.top_k)
         t3 = time.perf_counter()
-        amap = anomaly_maps(patch_scores, embedder.config.image_size, [image.shape[:2]], model.gaussian_sigma)[0]
+        box = None if model.framing.is_whole() else model.framing.box(*image.shape[:2])
+        amap = anomaly_maps(patch_scores, embedder.config.image_size, [image.shape[:2]], model.gaussian_sigma,
+                            [box])[0]
         decisions.append(bool(image_scores[0] > model.calibration.threshold))
         t4 = time.perf_counter()
         for key, value in zip(split, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
             value_ms = value * 1000.0
             split[key].append(value_ms)
         scores.append(float(image_scores[0]))
+        if extra_scores:
+            for name, rule in extra_scores.items():
+                alternatives.setdefault(name, []).append(float(rule(patch_scores[0])))
         labels.append(int(item.is_defective))
         types.append(item.defect_type)
         if has_masks:
@@ -151,6 +164,11 @@ def evaluate_bank(
         "category": category.name,
         "backbone": embedder.config.backbone,
         "image_size": embedder.config.image_size,
+        "aggregation": embedder.config.aggregation,
+        "stage_dim": embedder.config.stage_dim,
+        "framing": model.framing.to_dict(),
+        "top_k": config.get("top_k", 1),
+        "holdout_fraction": config.get("holdout_fraction"),
         "feature_dim": embedder.feature_dim,
         "backbone_runtime": embedder.runtime,
         "backbone_precision": embedder.precision,
@@ -164,6 +182,8 @@ def evaluate_bank(
             for kind in sorted(set(types) - {"good"})
             for mask in [np.isin(np.asarray(types), ["good", kind])]
         },
+        "image_auroc_alternatives": {name: float(roc_auc_score(label_array, values))
+                                     for name, values in alternatives.items()},
         "pixel_auroc": None,
         "pixel_auroc_by_type": None,
         "threshold": threshold,

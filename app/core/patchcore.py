@@ -25,7 +25,8 @@ from app.core.bank import MemoryBank
 from app.core.calibration import Calibration, calibrate_f1, calibrate_from_nominal
 from app.core.coreset import continue_coreset, coreset_size_for, select_coreset
 from app.core.embedding import EmbedderConfig, PatchEmbedder
-from app.core.errors import BankIncompatible, BuildCancelled, NotEnoughImages
+from app.core.errors import BankIncompatible, BuildCancelled, InvalidImage, NotEnoughImages
+from app.core.framing import Box, Framing
 from app.core.images import as_rgb_array, decode_image
 from app.core.knn import SearchBackend, SearchIndex, SearchPrecision, create_index
 from app.core.scoring import score_patches, smoothed_maps, to_original_size
@@ -42,6 +43,8 @@ class PatchCoreConfig:
     projection_dim: int | None = 128    # random projection for coreset selection (official: 128)
     num_starts: int = 10                # random starting centres of the greedy selection
     reweight_neighbours: int = 0        # b of Eq. 7; 0 = plain max-distance score
+    top_k: int = 1                      # image score = mean of the top_k patch scores (1 = max, Eq. 6)
+    framing: Framing = field(default_factory=Framing)  # which part of the frame the backbone sees
     gaussian_sigma: float = 4.0         # anomaly map smoothing (paper: 4)
     holdout_fraction: float = 0.1       # nominal images kept out of the bank for calibration
     min_holdout: int = 5
@@ -53,6 +56,7 @@ class PatchCoreConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["embedder"] = self.embedder.to_dict()
+        data["framing"] = self.framing.to_dict()
         return data
 
     @classmethod
@@ -72,13 +76,14 @@ class Prediction:
     calibration: Calibration
     smoothed_map: torch.Tensor    # (S, S) smoothed patch distances at the network input size
     size: tuple[int, int]         # original (H, W)
+    box: Box | None = None        # framed box in original pixels (None = whole frame); map is 0 outside
 
     # The full-size maps are computed on first use: the service renders them in its
     # thread pool, off the device worker, and not at all when no heatmap is asked for.
     @cached_property
     def anomaly_map(self) -> np.ndarray:
         """(H, W) float32 raw distances at the original image size."""
-        return to_original_size(self.smoothed_map, self.size)
+        return to_original_size(self.smoothed_map, self.size, self.box)
 
     @cached_property
     def normalised_map(self) -> np.ndarray:
@@ -90,7 +95,11 @@ class Prediction:
         renders at a bounded size, so a 40 MP photo never costs a 40 MP float map."""
         if tuple(size) == tuple(self.size):
             return self.normalised_map
-        return self.calibration.normalise(to_original_size(self.smoothed_map, size)).astype(np.float32)
+        box = None
+        if self.box is not None:  # the framed box, from original pixels to the map's
+            sy, sx = size[0] / self.size[0], size[1] / self.size[1]
+            box = (self.box[0] * sx, self.box[1] * sy, self.box[2] * sx, self.box[3] * sy)
+        return self.calibration.normalise(to_original_size(self.smoothed_map, size, box)).astype(np.float32)
 
 
 def _as_array(source: ImageSource) -> np.ndarray:
@@ -111,9 +120,24 @@ def _split_holdout(count: int, config: PatchCoreConfig) -> tuple[np.ndarray, np.
     return np.sort(order[holdout:]), np.sort(order[:holdout])
 
 
+def framed_boxes(framing: Framing, arrays: Sequence[np.ndarray],
+                 original_sizes: Sequence[tuple[int, int]] | None = None) -> list[Box | None]:
+    """The framed box of each array in its own pixels (None = whole frame). An array
+    decoded at a reduced scale has its original (H, W) in original_sizes."""
+    if framing.is_whole():
+        return [None] * len(arrays)
+    sizes = original_sizes if original_sizes is not None else [a.shape[:2] for a in arrays]
+    try:
+        return [framing.scaled_box(a.shape[:2], (int(s[0]), int(s[1])))
+                for a, s in zip(arrays, sizes, strict=True)]
+    except ValueError as exc:  # an image too small for the product's region of interest
+        raise InvalidImage(str(exc)) from exc
+
+
 def embed_images(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_size: int,
                  progress: Callable[[float], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+                 should_stop: Callable[[], bool] | None = None,
+                 framing: Framing | None = None) -> np.ndarray:
     """Stream images through the backbone into one preallocated (N * h * w, D) float32 array.
 
     Only one batch of decoded images is in memory at a time.
@@ -124,7 +148,7 @@ def embed_images(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_
     for done, batch in enumerate(_batches(sources, batch_size)):
         if should_stop is not None and should_stop():
             raise BuildCancelled("feature extraction cancelled")
-        features = embedder.embed(embedder.preprocess(batch)).numpy()
+        features = embedder.embed(embedder.preprocess(batch, framed_boxes(framing or Framing(), batch))).numpy()
         out[row:row + features.shape[0] * per_image] = features.reshape(-1, features.shape[-1])
         row += features.shape[0] * per_image
         if progress is not None:
@@ -157,8 +181,9 @@ def build_bank(
 
     start = time.perf_counter()
     fit_sources = [images[i] for i in fit_ids]
+    config.framing.validate()
     features = embed_images(embedder, fit_sources, config.batch_size,
-                            lambda f: report("features", f), should_stop)
+                            lambda f: report("features", f), should_stop, config.framing)
     timings["features_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -188,6 +213,7 @@ def build_bank(
         "software_version": __version__,
         "embedder": {**config.embedder.to_dict(), "feature_dim": embedder.feature_dim,
                      "stage_channels": list(embedder.stage_channels)},
+        "framing": config.framing.to_dict(),
         "config": config.to_dict(),
         # coverage_radius: in the selection space (projection_dim, seed); an append build
         # with until="radius" selects until its new patches are covered as well.
@@ -398,8 +424,8 @@ def _score_sources(embedder: PatchEmbedder, index: SearchIndex, sources: Sequenc
     for batch in _batches(sources, config.batch_size):
         if should_stop is not None and should_stop():
             raise BuildCancelled("calibration cancelled")
-        embeddings = embedder.embed(embedder.preprocess(batch)).numpy()
-        scores.append(score_patches(index, embeddings, config.reweight_neighbours)[1])
+        embeddings = embedder.embed(embedder.preprocess(batch, framed_boxes(config.framing, batch))).numpy()
+        scores.append(score_patches(index, embeddings, config.reweight_neighbours, config.top_k)[1])
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
@@ -419,6 +445,8 @@ class PatchCoreModel:
         self.embedder = embedder
         config = bank.manifest.get("config", {})
         self.reweight_neighbours = int(config.get("reweight_neighbours", 0))
+        self.top_k = int(config.get("top_k", 1))
+        self.framing = Framing.from_dict(bank.manifest.get("framing"))
         self.gaussian_sigma = float(config.get("gaussian_sigma", 4.0))
         self.calibration = Calibration.from_dict(bank.calibration)
         # Exact search on the embedder's device (app.core.knn.create_index picks faiss or torch).
@@ -440,9 +468,18 @@ class PatchCoreModel:
             return []
         if original_sizes is not None and len(original_sizes) != len(arrays):
             raise ValueError(f"{len(original_sizes)} original sizes for {len(arrays)} images")
-        embeddings = self.embedder.embed(self.embedder.preprocess(arrays))
+        embeddings = self.embedder.embed(self.preprocess(arrays, original_sizes))
         sizes = original_sizes if original_sizes is not None else [a.shape[:2] for a in arrays]
         return self.predict_embeddings(embeddings, sizes)
+
+    def preprocess(self, arrays: Sequence[np.ndarray],
+                   original_sizes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Decoded images -> the backbone's input, framed as this product's bank was.
+
+        An array decoded at a reduced scale passes its original (H, W) in
+        original_sizes, so the framed box (original pixels) is scaled onto it.
+        """
+        return self.embedder.preprocess(arrays, framed_boxes(self.framing, arrays, original_sizes))
 
     def predict_embeddings(self, embeddings: torch.Tensor | np.ndarray,
                            original_sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
@@ -450,7 +487,7 @@ class PatchCoreModel:
         array = embeddings.numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
         if array.ndim != 4 or array.shape[0] != len(original_sizes):
             raise ValueError(f"embeddings must be (B, h, w, D) with B = {len(original_sizes)}, got {array.shape}")
-        patch_scores, image_scores = score_patches(self.index, array, self.reweight_neighbours)
+        patch_scores, image_scores = score_patches(self.index, array, self.reweight_neighbours, self.top_k)
         maps = smoothed_maps(patch_scores, self.embedder.config.image_size, self.gaussian_sigma)
         threshold = self.calibration.threshold
         return [
@@ -458,6 +495,7 @@ class PatchCoreModel:
                 raw_score=float(raw), score=float(self.calibration.normalise(raw)), threshold=threshold,
                 is_anomalous=bool(raw > threshold), calibration=self.calibration,
                 smoothed_map=maps[i], size=(int(size[0]), int(size[1])),
+                box=None if self.framing.is_whole() else self.framing.box(int(size[0]), int(size[1])),
             )
             for i, (raw, size) in enumerate(zip(image_scores, original_sizes, strict=True))
         ]
@@ -468,7 +506,7 @@ class BatchItem:
     """One preprocessed image for `predict_batch`, with the model that scores it."""
 
     model: PatchCoreModel
-    tensor: torch.Tensor          # (3, S, S) float32, from model.embedder.preprocess
+    tensor: torch.Tensor          # (3, S, S) float32, from model.preprocess (framed)
     size: tuple[int, int]         # original (H, W)
 
 

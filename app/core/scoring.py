@@ -11,16 +11,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from app.core.framing import Box, paste_box
 from app.core.knn import SearchIndex
 
 
 def score_patches(index: SearchIndex, embeddings: np.ndarray,
-                  reweight_neighbours: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                  reweight_neighbours: int = 0, top_k: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """embeddings (B, h, w, D) -> (patch scores (B, h, w), image scores (B,)).
 
     Patch score: distance of each patch to its nearest bank feature.
-    Image score s*: the maximum patch score (Eq. 6). With reweight_neighbours = b > 0,
-    s* is scaled by Eq. 7: w = 1 - exp(||m_test* - m*||) / sum_{m in N_b(m*)} exp(||m_test* - m||),
+    Image score s*: the maximum patch score (Eq. 6), or with top_k > 1 the mean of
+    the top_k patch scores (one stray patch then counts less). With
+    reweight_neighbours = b > 0, s* is scaled by Eq. 7:
+    w = 1 - exp(||m_test* - m*||) / sum_{m in N_b(m*)} exp(||m_test* - m||),
     which lowers the score when m* sits in a dense region of the bank.
     """
     batch, height, width, dim = embeddings.shape
@@ -28,12 +31,21 @@ def score_patches(index: SearchIndex, embeddings: np.ndarray,
     distances, nearest = index.search(flat, k=1)
     patch_scores = distances[:, 0].reshape(batch, height * width)
     worst_patch = patch_scores.argmax(axis=1)                       # m_test* per image
-    image_scores = patch_scores[np.arange(batch), worst_patch].astype(np.float64)
+    image_scores = image_scores_from(patch_scores, top_k)
     if reweight_neighbours > 0:
         flat_worst = np.arange(batch) * height * width + worst_patch
         image_scores *= reweighting_factors(index, flat[flat_worst], nearest[flat_worst, 0],
                                             reweight_neighbours)
     return patch_scores.reshape(batch, height, width), image_scores
+
+
+def image_scores_from(patch_scores: np.ndarray, top_k: int = 1) -> np.ndarray:
+    """(B, ...) patch scores -> (B,) float64: the mean of each image's top_k patch scores."""
+    flat = np.asarray(patch_scores).reshape(len(patch_scores), -1)
+    k = max(1, min(int(top_k), flat.shape[1]))
+    if k == 1:
+        return flat.max(axis=1).astype(np.float64)
+    return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].astype(np.float64).mean(axis=1)
 
 
 def reweighting_factors(index: SearchIndex, worst_patches: np.ndarray,
@@ -76,17 +88,28 @@ def smoothed_maps(patch_scores: np.ndarray, image_size: int, sigma: float = 4.0)
     return maps[:, 0]
 
 
-def to_original_size(smoothed: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """One smoothed map (S, S) -> (H, W) float32. The input was the whole frame resized
-    to S x S, so this lays the map exactly over the photo the camera sent, whatever its aspect."""
-    height, width = size
-    resized = F.interpolate(smoothed[None, None], size=(int(height), int(width)), mode="bilinear",
-                            align_corners=False)
-    return resized[0, 0].numpy()
+def to_original_size(smoothed: torch.Tensor, size: tuple[int, int], box: Box | None = None) -> np.ndarray:
+    """One smoothed map (S, S) -> (H, W) float32 over the photo the camera sent.
+
+    The network saw `box` (x0, y0, x1, y1, original pixels; None = the whole frame)
+    resized to S x S, so the map is resized back onto that box, whatever its aspect,
+    and is zero outside it.
+    """
+    height, width = int(size[0]), int(size[1])
+    x0, y0, x1, y1 = paste_box(box, height, width) if box is not None else (0, 0, width, height)
+    resized = F.interpolate(smoothed[None, None], size=(y1 - y0, x1 - x0), mode="bilinear",
+                            align_corners=False)[0, 0].numpy()
+    if (x0, y0, x1, y1) == (0, 0, width, height):
+        return resized
+    full = np.zeros((height, width), dtype=np.float32)
+    full[y0:y1, x0:x1] = resized
+    return full
 
 
 def anomaly_maps(patch_scores: np.ndarray, image_size: int, original_sizes: Sequence[tuple[int, int]],
-                 sigma: float = 4.0) -> list[np.ndarray]:
+                 sigma: float = 4.0, boxes: Sequence[Box | None] | None = None) -> list[np.ndarray]:
     """patch scores (B, h, w) -> one map (H_i, W_i) float32 per image, at its ORIGINAL size."""
     maps = smoothed_maps(patch_scores, image_size, sigma)
-    return [to_original_size(maps[i], size) for i, size in enumerate(original_sizes)]
+    boxes = boxes if boxes is not None else [None] * len(original_sizes)
+    return [to_original_size(maps[i], size, box) for i, (size, box) in enumerate(zip(original_sizes, boxes,
+                                                                                      strict=True))]

@@ -62,10 +62,13 @@ def prepare(product: LoadedProduct, data: bytes, max_pixels: int, keep_image: bo
     # JPEGs decode at 1/2-1/8 scale in the DCT domain when the network input (or, for an
     # overlay, the bounded photo) still gets enough pixels: a 6000x6600 JPEG never
     # becomes a 40 MP array. `size` stays the photo's own.
-    need = max(product.embedder.config.image_size, max_map_side if keep_image else 0)
+    # A framed product needs its box, not the frame, at the network size.
+    framed_need = product.model.framing.min_decode_side(product.embedder.config.image_size)
+    need = None if framed_need is None else max(framed_need, max_map_side if keep_image else 0)
     image, size = decode_for_model(data, max_pixels=max_pixels, min_side=need)
     map_size = bounded_size(size, max_map_side)
-    tensor = product.embedder.preprocess([image])[0]
+    # Framed as the product's bank; the box is in original pixels, scaled onto the decoded array.
+    tensor = product.model.preprocess([image], [size])[0]
     kept = None
     if keep_image:
         kept = image if image.shape[:2] == map_size else np.asarray(

@@ -34,6 +34,7 @@ import numpy as np
 from app.core.bank import MemoryBank
 from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import BuildCancelled
+from app.core.framing import Framing
 from app.core.patchcore import PatchCoreConfig, append_config, append_to_bank, build_bank
 from app.service.catalog import ProductCatalog
 from app.service.errors import (
@@ -70,15 +71,25 @@ class BuildParams:
     mode: str = "full"                # "full" or "append"
     base_version: str | None = None   # append: resolved to the active version at submit
     until: str = "size"               # append: "size" or "radius"
+    image_size: int | None = None
+    framing: Framing | None = None
+    false_alarm_rate: float | None = None
 
     def config(self) -> PatchCoreConfig:
         """The full build's config (an append build's comes from its base bank)."""
         defaults = PatchCoreConfig()
         embedder = defaults.embedder
-        if self.backbone is not None:
-            embedder = EmbedderConfig(**{**embedder.to_dict(), "backbone": self.backbone})
+        if self.backbone is not None or self.image_size is not None:
+            embedder = EmbedderConfig(**{**embedder.to_dict(),
+                                         "backbone": self.backbone or embedder.backbone,
+                                         "image_size": self.image_size or embedder.image_size})
             embedder.validate()
         changes: dict[str, Any] = {"embedder": embedder}
+        if self.framing is not None:
+            self.framing.validate()
+            changes["framing"] = self.framing
+        if self.false_alarm_rate is not None:
+            changes["false_alarm_rate"] = self.false_alarm_rate
         if self.coreset_ratio is not None:
             changes["coreset_ratio"] = self.coreset_ratio
         if self.seed is not None:
@@ -89,7 +100,17 @@ class BuildParams:
         return {k: v for k, v in (("coreset_ratio", self.coreset_ratio), ("seed", self.seed)) if v is not None}
 
     def describe(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["framing"] = self.framing.to_dict() if self.framing is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BuildParams:
+        """From a job record (what `describe` wrote); unknown keys are ignored."""
+        known = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        if known.get("framing") is not None:
+            known["framing"] = Framing.from_dict(known["framing"])
+        return cls(**known)
 
 
 @dataclass
@@ -141,8 +162,7 @@ class Job:
 
     @classmethod
     def from_record(cls, record: dict) -> Job:
-        params = BuildParams(**{k: v for k, v in (record.get("params") or {}).items()
-                                if k in {f.name for f in dataclasses.fields(BuildParams)}})
+        params = BuildParams.from_dict(record.get("params") or {})
         timings = record.get("timings_s") or {}
         return cls(id=str(record["id"]), product=str(record["product"]), params=params,
                    source=str(record.get("source", "staging")), state=str(record["state"]),

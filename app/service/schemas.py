@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from app.core.framing import Framing
 
 
 class ErrorDetail(BaseModel):
@@ -76,6 +78,8 @@ class ProductInfo(BaseModel):
                                 "no version could be loaded)")
     backbone: str | None = None
     image_size: int | None = None
+    framing: FramingInfo | None = Field(default=None, description="which part of each photo the bank sees")
+    false_alarm_rate: float | None = Field(default=None, description="the threshold's false-alarm budget")
     bank_size: int | None = None
     feature_dim: int | None = None
     threshold: float | None = None
@@ -129,6 +133,33 @@ class BuildRequest(BaseModel):
     backbone: str | None = Field(default=None, max_length=64, description="full builds only")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     activate: bool = Field(default=True, description="serve the new bank as soon as it is built")
+    image_size: int | None = Field(default=None, ge=32, le=1024, multiple_of=16,
+                                   description="network input side in pixels (default 224)")
+    centre_crop: float | None = Field(default=None, gt=0.0, le=1.0,
+                                      description="frame the central fraction of width and height "
+                                      "(0.875 = resize 256, crop 224); default: the whole frame")
+    roi: list[int] | None = Field(default=None, min_length=4, max_length=4,
+                                  description="frame this box [x0, y0, x1, y1] in original-image pixels")
+    false_alarm_rate: float | None = Field(default=None, gt=0.0, lt=0.5,
+                                           description="false-alarm budget on good parts for the "
+                                           "nominal-only threshold (0.001 = 1 in 1,000; default 0.01)")
+
+    @model_validator(mode="after")
+    def _framing_is_valid(self) -> BuildRequest:
+        self.framing()  # raises ValueError -> 422 with the reason
+        return self
+
+    def framing(self) -> Framing | None:
+        """The requested framing; None keeps the default."""
+        if self.centre_crop is None and self.roi is None:
+            return None
+        return Framing.parse(self.centre_crop, ",".join(str(v) for v in self.roi) if self.roi else None)
+
+
+class FramingInfo(BaseModel):
+    mode: Literal["whole", "centre", "roi"]
+    fraction: float = Field(description="centre mode: the central fraction of width and height")
+    roi: list[int] | None = Field(default=None, description="roi mode: [x0, y0, x1, y1] in original pixels")
 
 
 class FeedbackRequest(BaseModel):

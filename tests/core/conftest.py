@@ -18,3 +18,9 @@ def lite0() -> PatchEmbedder:
 def lite0_small() -> PatchEmbedder:
     """Same backbone at 128 px: fast enough for build-and-score tests."""
     return create_embedder(EmbedderConfig(image_size=128), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def lite0_mean() -> PatchEmbedder:
+    """The 3x3-average neighbourhood (banks built before the flatten default)."""
+    return create_embedder(EmbedderConfig(aggregation="mean", stage_dim=None), device="cpu")

@@ -101,3 +101,24 @@ def test_eval_writes_the_metrics(mini_mvtec, tmp_path):
     assert metrics["image_auroc"] == 1.0
     assert 0.8 < metrics["pixel_auroc"] <= 1.0
     assert set(metrics["predict_ms_split"]) == {"decode", "backbone", "search", "map", "total"}
+
+
+def test_eval_takes_the_framing_and_scoring_options(mini_mvtec, tmp_path):
+    out = tmp_path / "eval_roi.json"
+    result = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--image-size", "128",
+                  "--coreset-ratio", "0.2", "--roi", "100,100,800,800", "--aggregation", "flatten",
+                  "--stage-dim", "64", "--top-k", "3", "--false-alarm-rate", "0.001", "--holdout-fraction", "0.3",
+                  "--json", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["framing"] == {"mode": "roi", "fraction": 1.0, "roi": [100, 100, 800, 800]}
+    assert metrics["aggregation"] == "flatten" and metrics["feature_dim"] == 128 and metrics["top_k"] == 3
+    assert metrics["pixel_auroc"] is not None and metrics["image_auroc"] is not None
+    centre = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--image-size", "128",
+                  "--coreset-ratio", "0.2", "--centre-crop", "0.875", "--json", str(tmp_path / "c.json"),
+                  "--device", "cpu")
+    assert centre.returncode == 0, centre.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["framing"]["mode"] == "centre"
+    both = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--roi", "0,0,9,9",
+                "--centre-crop", "0.5")
+    assert both.returncode == 2 and "not allowed with" in both.stderr

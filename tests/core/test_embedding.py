@@ -11,13 +11,14 @@ def test_patch_features_shape_and_batch_independence(lite0):
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(224, 224), (300, 180), (97, 401)]]
     batched = lite0.embed(lite0.preprocess(images))
     assert batched.shape == (3, 28, 28, lite0.feature_dim) and batched.dtype == torch.float32
-    assert lite0.feature_dim == 40 + 112
+    assert lite0.feature_dim == 256 + 256  # flatten: 40 x 9 and 112 x 9 values, each pooled to 256
     for i, image in enumerate(images):
         single = lite0.embed(lite0.preprocess([image]))
         torch.testing.assert_close(single[0], batched[i], rtol=1e-4, atol=1e-4)
 
 
-def test_aggregation_is_3x3_average_then_upsample_with_equal_stage_weight(lite0):
+def test_aggregation_is_3x3_average_then_upsample_with_equal_stage_weight(lite0_mean):
+    lite0 = lite0_mean
     torch.manual_seed(0)
     stage8, stage16 = torch.randn(2, 40, 28, 28), torch.randn(2, 112, 14, 14)
     features = lite0.aggregate([stage8, stage16])
@@ -44,3 +45,25 @@ def test_stage_dim_pools_channels(lite0_small):
 def test_invalid_config_is_refused(bad):
     with pytest.raises(ValueError):
         EmbedderConfig(**bad).validate()
+
+
+def test_flatten_aggregation_keeps_the_neighbourhood_layout():
+    """The official MeanMapper: each position's C x 3 x 3 patch, channel-major, pooled to stage_dim."""
+    from app.core.embedding import create_embedder
+
+    flat = create_embedder(EmbedderConfig(image_size=128, aggregation="flatten", stage_dim=None), device="cpu")
+    assert flat.feature_dim == 40 * 9 + 112 * 9
+    torch.manual_seed(0)
+    stage8, stage16 = torch.randn(1, 40, 16, 16), torch.randn(1, 112, 8, 8)
+    features = flat.aggregate([stage8, stage16])
+    # Interior position (5, 10): channel c's 3x3 neighbourhood, row-major, then the next channel.
+    expected = stage8[0, :, 4:7, 9:12].reshape(-1) / np.sqrt(360)
+    torch.testing.assert_close(features[0, 5, 10, :360], expected)
+    # Mirroring the neighbourhood changes the flattened vector, not the mean.
+    mirrored = stage8.flip(-1)
+    assert not torch.allclose(flat.aggregate([mirrored, stage16])[0, 5, 5, :360], features[0, 5, 10, :360])
+    pooled = create_embedder(EmbedderConfig(image_size=128, aggregation="flatten", stage_dim=64), device="cpu")
+    assert pooled.feature_dim == 128
+    out = pooled.aggregate([stage8, stage16])
+    torch.testing.assert_close(out[0, 5, 10, :64], F.adaptive_avg_pool1d(expected[None, None] * np.sqrt(360), 64)[0, 0]
+                               / np.sqrt(64))

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.service.rendering import colourise
+
 from .conftest import ADMIN, metric_value, upload, wait_job
 
 pytestmark = pytest.mark.slow
@@ -247,3 +249,40 @@ def test_openapi_documents_every_endpoint(http):
     predict_body = paths["/v1/products/{product}/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/png", "image/jpeg"} <= set(predict_body)
     assert "ErrorResponse" in schema["components"]["schemas"]
+
+
+def test_framing_through_the_admin_api(http, bottle_train, bottle_defect):
+    """A product's framing and false-alarm budget: set at build, listed, applied at predict."""
+    refused = http.post("/v1/admin/products/framed/builds", headers=ADMIN,
+                        json={"roi": [500, 100, 400, 800]})
+    assert refused.status_code == 422, refused.text
+    refused = http.post("/v1/admin/products/framed/builds", headers=ADMIN,
+                        json={"roi": [0, 0, 10, 10], "centre_crop": 0.5})
+    assert refused.status_code == 422, refused.text
+    assert upload(http, "framed", bottle_train).status_code == 201
+    roi = [250, 200, 650, 700]
+    started = http.post("/v1/admin/products/framed/builds", headers=ADMIN,
+                        json={"roi": roi, "image_size": 128, "coreset_ratio": 0.1, "false_alarm_rate": 0.001})
+    assert started.status_code == 202, started.text
+    assert started.json()["params"]["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi}
+    job = wait_job(http, started.json()["id"])
+    assert job["state"] == "succeeded", job
+    listed = http.get("/v1/products/framed").json()
+    assert listed["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi}
+    assert listed["image_size"] == 128 and listed["false_alarm_rate"] == 0.001
+    response = predict(http, "framed", bottle_defect[0], heatmap="png", regions="true")
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert (result["heatmap"]["width"], result["heatmap"]["height"]) == (900, 900)
+    for region in result["regions"]:  # regions lie on the photo, inside the framed box
+        box = region["bbox"]
+        assert roi[0] - 2 <= box["x"] and box["x"] + box["width"] <= roi[2] + 2
+        assert roi[1] - 2 <= box["y"] and box["y"] + box["height"] <= roi[3] + 2
+    # The heatmap covers the photo; outside the box it is the colour of a zero score.
+    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["heatmap"]["data"]))).convert("RGB"))
+    zero = colourise(np.zeros((1, 1), np.float32))[0, 0]
+    outside = np.ones(heat.shape[:2], dtype=bool)
+    outside[roi[1] - 2:roi[3] + 2, roi[0] - 2:roi[2] + 2] = False
+    assert (heat[outside] == zero).all()
+    assert (heat[roi[1] + 2:roi[3] - 2, roi[0] + 2:roi[2] - 2] != zero).any()
+    assert http.delete("/v1/admin/products/framed", headers=ADMIN).status_code in (200, 204)

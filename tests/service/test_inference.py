@@ -21,8 +21,8 @@ class CountingEmbedder:
         self.inner = inner
         self.calls: list[int] = []
 
-    def preprocess(self, images):
-        return self.inner.preprocess(images)
+    def preprocess(self, images, boxes=None):
+        return self.inner.preprocess(images, boxes)
 
     def embed(self, batch):
         self.calls.append(int(batch.shape[0]))
@@ -58,6 +58,10 @@ def test_a_failing_product_fails_only_its_images(server, bottle_job, bottle_good
 
     class Broken:
         embedder = bottle.embedder
+        framing = bottle.model.framing
+
+        def preprocess(self, arrays, original_sizes=None):
+            return bottle.model.preprocess(arrays, original_sizes)
 
         def predict_embeddings(self, embeddings, sizes):
             raise RuntimeError("index exploded")

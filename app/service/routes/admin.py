@@ -81,7 +81,9 @@ async def start_build(product: ProductDep, staging: StagingDep, jobs: JobsDep, r
     job = await run_in_threadpool(
         jobs.submit, product,
         BuildParams(params.coreset_ratio, params.backbone, params.seed, params.activate,
-                    mode=params.mode, base_version=params.base_version, until=params.until),
+                    mode=params.mode, base_version=params.base_version, until=params.until,
+                    image_size=params.image_size, framing=params.framing(),
+                    false_alarm_rate=params.false_alarm_rate),
         lambda: paths, image_count=len(paths))
     response.headers["Location"] = f"/v1/admin/jobs/{job.id}"
     return job.describe()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The accuracy-lever sweep of issue 8 as it was run, one process per run
+# (results in benchmarks/results/levers/, table: benchmarks/levers_table.py).
+#   PYTHON=.venv/bin/python bash benchmarks/sweep_levers.sh ../shared/data
+# Each run is also one line of the README ("Accuracy levers"), with its command.
+set -euo pipefail
+data=${1:-../shared/data}
+py=${PYTHON:-.venv/bin/python}
+run() { category=$1; name=$2; shift 2
+        PYTHONPATH=. nice "$py" benchmarks/sweep_levers.py --data "$data" --category "$category" --name "$name" "$@"; }
+mean=(--aggregation mean --stage-dim 0)
+flat=(--aggregation flatten --stage-dim 256)
+# transistor: 10% (the target) and 1% coreset for the cheaper screens
+run transistor base "${mean[@]}"
+run transistor flatten256 "${flat[@]}"
+run transistor c1_base --coreset-ratio 0.01 "${mean[@]}"
+run transistor c1_flatten256 --coreset-ratio 0.01 "${flat[@]}"
+run transistor c1_flatten128 --coreset-ratio 0.01 --aggregation flatten --stage-dim 128
+run transistor c1_centre0.875 --coreset-ratio 0.01 --centre-crop 0.875 "${mean[@]}"
+run transistor c1_centre_flatten256 --coreset-ratio 0.01 --centre-crop 0.875 "${flat[@]}"
+run transistor c1_flatten256_holdout_min5 --coreset-ratio 0.01 --holdout-fraction 0 "${flat[@]}"
+# bottle at 10% (the mean row is benchmarks/results/bottle__default.json)
+run bottle flatten256 "${flat[@]}"
+# magnetic_tile: every 4th training image (190) at 10% to screen, then all 761
+run magnetic_tile e4_base --train-every 4 "${mean[@]}"
+run magnetic_tile e4_flatten256 --train-every 4 "${flat[@]}"
+run magnetic_tile flatten256 "${flat[@]}"

@@ -1,0 +1,32 @@
+"""Build parameters with framing survive a job record (JSON) and the Ray task hand-off."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from app.core.framing import Framing
+from app.service.jobs import BuildParams
+from app.service.schemas import BuildRequest
+
+
+def test_build_params_with_framing_round_trip_through_json():
+    params = BuildParams(coreset_ratio=0.05, seed=3, image_size=320, framing=Framing(mode="roi", roi=(1, 2, 300, 400)),
+                         false_alarm_rate=0.001)
+    record = json.loads(json.dumps(params.describe()))
+    assert record["framing"] == {"mode": "roi", "fraction": 1.0, "roi": [1, 2, 300, 400]}
+    again = BuildParams.from_dict(record)
+    assert again == params
+    config = again.config()
+    assert config.framing == Framing(mode="roi", roi=(1, 2, 300, 400))
+    assert config.embedder.image_size == 320 and config.false_alarm_rate == 0.001
+    assert BuildParams.from_dict({"coreset_ratio": 0.1, "unknown": 1}).config().framing == Framing()
+
+
+def test_build_request_framing_is_validated():
+    assert BuildRequest(centre_crop=0.875).framing() == Framing(mode="centre", fraction=0.875)
+    assert BuildRequest().framing() is None
+    for bad in ({"roi": [5, 5, 1, 9]}, {"roi": [0, 0, 9, 9], "centre_crop": 0.5}, {"image_size": 100},
+                {"false_alarm_rate": 0.0}, {"roi": [1, 2, 3]}):
+        with pytest.raises(ValidationError):
+            BuildRequest(**bad)
