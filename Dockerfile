@@ -71,7 +71,10 @@ RUN groupadd --system --gid 10001 patchcore \
     && useradd --system --uid 10001 --gid patchcore --create-home --home-dir /home/patchcore patchcore \
     && mkdir -p /models \
     && chown patchcore:patchcore /models
+# The OpenVINO conversion of the backbone is cached on the volume, so a restarted
+# container does not convert it again (a dot folder: never taken for a product).
 ENV PATCHCORE_MODELS_DIR=/models \
+    PATCHCORE_CACHE_DIR=/models/.cache \
     HOME=/home/patchcore \
     TORCH_HOME=/home/patchcore/.cache/torch
 WORKDIR /home/patchcore
