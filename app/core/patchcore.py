@@ -62,9 +62,10 @@ class PatchCoreConfig:
     @classmethod
     def from_dict(cls, data: dict) -> PatchCoreConfig:
         """The config a bank was built with (its manifest's "config"); unknown keys are ignored."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"embedder"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"embedder", "framing"}
         values = {k: v for k, v in data.items() if k in known}
-        return cls(embedder=EmbedderConfig.from_dict(data["embedder"]), **values)
+        framing = Framing.from_dict(data["framing"]) if data.get("framing") else Framing()
+        return cls(embedder=EmbedderConfig.from_dict(data["embedder"]), framing=framing, **values)
 
 
 @dataclass
