@@ -33,8 +33,8 @@ from app.cluster import JOB_BOARD_NAME, NAMESPACE
 from app.core.embedding import EmbedderConfig
 from app.core.errors import BuildCancelled
 from app.service.catalog import ProductCatalog
-from app.service.errors import InvalidBuildRequest, JobConflict, JobNotFound, TooFewImages, status_and_code
-from app.service.jobs import PHASES, BuildParams, ImageSource, Job, JobRunner
+from app.service.errors import InvalidBuildRequest, JobConflict, JobNotFound, TooFewImages
+from app.service.jobs import PHASES, BuildParams, ImageSource, Job, JobRunner, build_error
 from app.service.predictor import Predictor
 from app.service.settings import Settings
 
@@ -232,14 +232,8 @@ def build_task(job_id: str, product: str, params: dict, images: list[tuple[str, 
     except BuildCancelled:
         return {"state": "cancelled", "image_count": len(images)}
     except Exception as exc:  # the same error record as the single process's JobRunner
-        status, code = status_and_code(exc)
-        message = str(exc) or type(exc).__name__
-        if status == 500 and code == "internal_error":
-            code, message = "build_failed", f"the build failed ({type(exc).__name__})"
-        elif code == "insufficient_storage":
-            message = "the bank store is full; nothing was written"
         logger.exception("build %s for %s failed", job_id, product)
-        return {"state": "failed", "image_count": len(images), "error": {"code": code, "message": message}}
+        return {"state": "failed", "image_count": len(images), "error": build_error(exc)}
     finally:
         done.set()
 

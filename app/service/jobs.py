@@ -62,6 +62,18 @@ PHASES: dict[str, tuple[float, float]] = {
 _RECORD_SUFFIX = ".json"
 
 
+def build_error(exc: BaseException) -> dict[str, str]:
+    """A failed build's error record: the client's mistake by its code, a bug as build_failed
+    (named, not described), a full store without paths."""
+    status, code = status_and_code(exc)
+    message = str(exc) or type(exc).__name__
+    if status == 500 and code == "internal_error":
+        code, message = "build_failed", f"the build failed ({type(exc).__name__})"
+    elif code == "insufficient_storage":
+        message = "the bank store is full; nothing was written"
+    return {"code": code, "message": message}
+
+
 @dataclass(frozen=True)
 class BuildParams:
     coreset_ratio: float | None = None
@@ -331,13 +343,7 @@ class JobRunner:
         except BuildCancelled:
             state = "cancelled"
         except Exception as exc:
-            status, code = status_and_code(exc)
-            message = str(exc) or type(exc).__name__
-            if status == 500 and code == "internal_error":
-                code, message = "build_failed", f"the build failed ({type(exc).__name__})"
-            elif code == "insufficient_storage":
-                message = "the bank store is full; nothing was written"
-            job.error = {"code": code, "message": message}
+            job.error = build_error(exc)
             logger.exception("build %s for %s failed", job.id, job.product,
                              extra={"job_id": job.id, "product": job.product})
             state = "failed"
