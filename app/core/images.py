@@ -55,18 +55,24 @@ _PNG_END = b"IEND\xaeB`\x82"
 _FAST_PNG_MODES = ("RGB", "RGBA", "L", "LA", "P")
 
 
+def _read_bytes(data: bytes | Path | str) -> bytes:
+    """The encoded image: given as bytes, or read from a file (named without its directory)."""
+    if not isinstance(data, Path | str):
+        return data
+    path = Path(data)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidImage(f"cannot read image file {path.name!r}: {exc.strerror}") from exc
+
+
 def decode_image(data: bytes | Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an encoded image into an RGB array of shape (H, W, 3), dtype uint8.
 
     The pixel count is checked from the header, before any pixel is decoded, so
     a decompression bomb costs nothing. Truncated files are refused, not padded.
     """
-    if isinstance(data, Path | str):
-        path = Path(data)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InvalidImage(f"cannot read image file {path.name!r}: {exc.strerror}") from exc
+    data = _read_bytes(data)
     if len(data) == 0:
         raise InvalidImage("empty image")
     try:
@@ -112,12 +118,7 @@ def decode_for_model(data: bytes | Path | str, *, max_pixels: int | None = DEFAU
     never reduces. The map of a reduced image must still be laid over the original
     size, which is why it is returned.
     """
-    if isinstance(data, Path | str):
-        path = Path(data)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InvalidImage(f"cannot read image file {path.name!r}: {exc.strerror}") from exc
+    data = _read_bytes(data)
     if min_side is not None and data[:3] == b"\xff\xd8\xff":
         reduced = _decode_jpeg_reduced(data, max_pixels, int(min_side))
         if reduced is not None:
