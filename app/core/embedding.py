@@ -145,12 +145,16 @@ class PatchEmbedder:
 
     # ---------------------------------------------------------------- features
     @torch.inference_mode()
-    def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> patch features (B, S/8, S/8, D), float32 on the CPU."""
+    def embed(self, batch: torch.Tensor, on_device: bool = False) -> torch.Tensor:
+        """(B, 3, S, S) -> patch features (B, S/8, S/8, D), float32 on the CPU, or with
+        on_device on the embedder's device (a GPU search then never copies them back)."""
         with self._lock:
+            if self.device.type == "cuda" and not batch.is_cuda:
+                # Page-locked source: the copy runs as DMA, at full PCIe rate.
+                batch = batch.pin_memory()
             stages = self.backbone(batch.to(self.device, non_blocking=True))
-            features = self.aggregate(stages)
-        return features.float().cpu()
+            features = self.aggregate(stages).float()
+        return features if on_device else features.cpu()
 
     def aggregate(self, stages: list[torch.Tensor]) -> torch.Tensor:
         """[(B, C1, h, w), (B, C2, h/2, w/2)] -> (B, h, w, D)."""
@@ -166,13 +170,16 @@ class PatchEmbedder:
             else:
                 # f_agg: average over the p x p neighbourhood of each position (Eq. 2).
                 local = F.avg_pool2d(stage, kernel_size=p, stride=1, padding=p // 2, count_include_pad=False)
-            if local.shape[-2:] != (height, width):
-                # Deeper, coarser map upsampled to the stride-8 grid (Sec. 3.1).
-                local = F.interpolate(local, size=(height, width), mode="bilinear", align_corners=False)
             local = local.permute(0, 2, 3, 1)  # (B, h, w, C)
             if kept < local.shape[-1]:
                 local = F.adaptive_avg_pool1d(local.reshape(-1, 1, local.shape[-1]), kept).reshape(
                     *local.shape[:3], kept)
+            if local.shape[1:3] != (height, width):
+                # Deeper, coarser map upsampled to the stride-8 grid (Sec. 3.1). Pooling the
+                # values (per position) and bilinear upsampling (per value) are both linear
+                # on different axes, so they commute: pooling first upsamples 4x less data.
+                local = F.interpolate(local.permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
+                                      align_corners=False).permute(0, 2, 3, 1)
             # Equal weight per stage, as the official code gets by pooling every
             # stage to the same width: each stage contributes its mean squared
             # difference, whatever its channel count.

@@ -485,11 +485,13 @@ class PatchCoreModel:
     def predict_embeddings(self, embeddings: torch.Tensor | np.ndarray,
                            original_sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
         """embeddings (B, h, w, D) from this model's embedder -> predictions."""
-        array = embeddings.numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
+        array = embeddings if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
         if array.ndim != 4 or array.shape[0] != len(original_sizes):
-            raise ValueError(f"embeddings must be (B, h, w, D) with B = {len(original_sizes)}, got {array.shape}")
+            raise ValueError(f"embeddings must be (B, h, w, D) with B = {len(original_sizes)}, "
+                             f"got {tuple(array.shape)}")
         patch_scores, image_scores = score_patches(self.index, array, self.reweight_neighbours, self.top_k)
-        maps = smoothed_maps(patch_scores, self.embedder.config.image_size, self.gaussian_sigma)
+        maps = smoothed_maps(patch_scores, self.embedder.config.image_size, self.gaussian_sigma,
+                             device=self.embedder.device)
         threshold = self.calibration.threshold
         return [
             Prediction(
@@ -523,7 +525,9 @@ def predict_batch(items: Sequence[BatchItem]) -> list[Prediction | Exception]:
     for indices in by_embedder.values():
         embedder = items[indices[0]].model.embedder
         try:
-            features = embedder.embed(torch.stack([items[i].tensor for i in indices]))
+            # On a GPU the features stay there for a GPU search (TorchExactIndex).
+            features = embedder.embed(torch.stack([items[i].tensor for i in indices]),
+                                      on_device=embedder.device.type == "cuda")
         except Exception as exc:
             for i in indices:
                 results[i] = exc

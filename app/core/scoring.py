@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from app.core.framing import Box, paste_box
-from app.core.knn import SearchIndex
+from app.core.knn import SearchIndex, TorchExactIndex
 
 
-def score_patches(index: SearchIndex, embeddings: np.ndarray,
+def score_patches(index: SearchIndex, embeddings: np.ndarray | torch.Tensor,
                   reweight_neighbours: int = 0, top_k: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """embeddings (B, h, w, D) -> (patch scores (B, h, w), image scores (B,)).
 
@@ -27,6 +27,15 @@ def score_patches(index: SearchIndex, embeddings: np.ndarray,
     which lowers the score when m* sits in a dense region of the bank.
     """
     batch, height, width, dim = embeddings.shape
+    if isinstance(embeddings, torch.Tensor) and reweight_neighbours == 0 and isinstance(index, TorchExactIndex):
+        # Features already on the index's device (a GPU): only the B x h x w distances
+        # come back to the host.
+        distances_t, _ = index.search_tensor(embeddings.reshape(-1, dim), k=1)
+        patch_scores = distances_t[:, 0].reshape(batch, height * width).cpu().numpy()
+        image_scores = image_scores_from(patch_scores, top_k)
+        return patch_scores.reshape(batch, height, width), image_scores
+    if isinstance(embeddings, torch.Tensor):
+        embeddings = embeddings.cpu().numpy()
     flat = np.ascontiguousarray(embeddings.reshape(-1, dim), dtype=np.float32)
     distances, nearest = index.search(flat, k=1)
     patch_scores = distances[:, 0].reshape(batch, height * width)
@@ -72,20 +81,22 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def smoothed_maps(patch_scores: np.ndarray, image_size: int, sigma: float = 4.0) -> torch.Tensor:
-    """patch scores (B, h, w) -> maps (B, S, S) at the network input size.
+def smoothed_maps(patch_scores: np.ndarray, image_size: int, sigma: float = 4.0,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """patch scores (B, h, w) -> maps (B, S, S) at the network input size, on the CPU.
 
     As in the paper, patch scores are upsampled bilinearly to the network input
-    (S x S) and smoothed there with a Gaussian of sigma 4.
+    (S x S) and smoothed there with a Gaussian of sigma 4. On a GPU `device` this
+    runs there (at batch 64 it took 43 ms on 16 CPU cores, most of a GPU batch's time).
     """
-    scores = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[:, None]
+    scores = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[:, None].to(device)
     maps = F.interpolate(scores, size=(image_size, image_size), mode="bilinear", align_corners=False)
     if sigma > 0:
-        kernel = gaussian_kernel(sigma)
+        kernel = gaussian_kernel(sigma).to(maps.device)
         pad = len(kernel) // 2
         maps = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
         maps = F.conv2d(F.pad(maps, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return maps[:, 0]
+    return maps[:, 0].cpu()
 
 
 def to_original_size(smoothed: torch.Tensor, size: tuple[int, int], box: Box | None = None) -> np.ndarray:

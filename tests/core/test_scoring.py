@@ -70,3 +70,17 @@ def test_maps_come_back_at_the_original_size_and_place():
     assert y < 0.2 * 300 and x > 0.8 * 900
     assert maps[0].dtype == np.float32 and np.isfinite(maps[0]).all()
     assert maps[0].max() < 5.0  # smoothed
+
+
+def test_device_tensor_path_scores_as_the_host_path():
+    """Features handed over as a tensor (a GPU embedder's output) are searched in place by
+    TorchExactIndex; patch and image scores equal faiss's on the same numbers."""
+    from app.core.knn import TorchExactIndex
+
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(500, 24)).astype(np.float32)
+    embeddings = rng.normal(size=(3, 5, 5, 24)).astype(np.float32)
+    want_patches, want_images = score_patches(NearestNeighbourIndex(bank), embeddings, top_k=3)
+    got_patches, got_images = score_patches(TorchExactIndex(bank), torch.from_numpy(embeddings), top_k=3)
+    np.testing.assert_allclose(got_patches, want_patches, rtol=1e-4)
+    np.testing.assert_allclose(got_images, want_images, rtol=1e-4)
