@@ -149,6 +149,7 @@ async def _requests(url: str, images: list[bytes], concurrency: int, total: int,
     """One client process's share: `total` requests from `concurrency` connections."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
+    server: list[tuple[float, float, float]] = []  # the service's own timings per request
     failures: list[str] = []
     counter = iter(range(total))
     params = {"heatmap": "none"}
@@ -176,11 +177,14 @@ async def _requests(url: str, images: list[bytes], concurrency: int, total: int,
                 if response.status_code != 200:
                     failures.append(f"{response.status_code}: {response.text[:200]}")
                 else:
-                    batch_sizes.append(response.json()["results"][0]["timings"]["batch_size"])
+                    timings = response.json()["results"][0]["timings"]
+                    batch_sizes.append(timings["batch_size"])
+                    server.append((timings["decode_ms"], timings["queued_ms"], timings["compute_ms"]))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return {"latencies": latencies, "batch_sizes": batch_sizes, "failures": failures, "elapsed": elapsed}
+    return {"latencies": latencies, "batch_sizes": batch_sizes, "server": server, "failures": failures,
+            "elapsed": elapsed}
 
 
 def _client_process(args: tuple) -> dict:
@@ -206,13 +210,19 @@ def load(url: str, images: list[bytes], concurrency: int, total: int, max_second
     latencies = [x for part in parts for x in part["latencies"]]
     batch_sizes = [x for part in parts for x in part["batch_sizes"]]
     failures = [x for part in parts for x in part["failures"]]
+    server = [x for part in parts for x in part["server"]]
     done = len(latencies)
+    # Where a request's time went inside the service (medians, ms); the rest of the
+    # client's latency is HTTP, the event loop and the hand-offs between threads.
+    inside = {name: statistics.median(t[i] for t in server) if server else None
+              for i, name in enumerate(("decode_ms", "queued_ms", "compute_ms"))}
     return {"concurrency": concurrency, "clients": clients, "requests": done, "truncated": done < total,
             "failures": len(failures), "first_failure": failures[0] if failures else None,
             "throughput_rps": sum(len(part["batch_sizes"]) / part["elapsed"] for part in parts),
             "p50_ms": percentile(latencies, 50) * 1000, "p95_ms": percentile(latencies, 95) * 1000,
             "p99_ms": percentile(latencies, 99) * 1000,
-            "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else 0.0}
+            "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
+            "server_median_ms": inside}
 
 
 # ---------------------------------------------------------------------- engine subprocess
@@ -378,7 +388,9 @@ def main() -> None:
                     rows.append(row)
                     print(f"batching {mode:3} c={concurrency:2}: {row['throughput_rps']:.2f} req/s"
                           f" p50 {row['p50_ms']:.0f} ms, mean batch {row['mean_batch']:.1f}, "
-                          f"{row['requests']} requests from {row['clients']} client(s)"
+                          f"{row['requests']} requests from {row['clients']} client(s); inside the "
+                          "service (median ms) " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in
+                                                             row["server_median_ms"].items() if v is not None)
                           + (" (time cap)" if row["truncated"] else "")
                           + (f", {row['failures']} FAILED: {row['first_failure']}"
                              if row["failures"] else ""), flush=True)

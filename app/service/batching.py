@@ -20,7 +20,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -193,16 +193,16 @@ class MicroBatcher(Generic[T, R]):
 
     # ------------------------------------------------------------------ submit (event loop)
     async def submit_many(self, payloads: Sequence[T], timeout_s: float,
-                          is_disconnected: Callable[[], Any] | None = None, *,
+                          client_gone: Callable[[], Awaitable[None]] | None = None, *,
                           incoming: Incoming | None = None) -> list[Timed[R]]:
         """Queue all payloads of one request together and wait for their results.
 
         `incoming`, the request's mark from `incoming()`, is released together
         with the put, so the worker never sees the request neither marked nor
         queued. Raises Overloaded (without queueing anything) when they do not
-        fit, RequestTimedOut after `timeout_s`, ClientGone when `is_disconnected`
-        (an async callable) reports the client gone. In every case the tickets
-        are abandoned, so the worker skips those it has not started.
+        fit, RequestTimedOut after `timeout_s`, ClientGone when `client_gone()` (an
+        awaitable that returns once the client has disconnected) returns first. In
+        every case the tickets are abandoned, so the worker skips those it has not started.
         """
         if not self.running:
             raise RuntimeError("the batch worker is not running")
@@ -227,8 +227,7 @@ class MicroBatcher(Generic[T, R]):
             self._release(incoming)
             self._cond.notify_all()
         waiter = asyncio.gather(*(t.future for t in tickets))
-        watcher = (asyncio.ensure_future(self._watch(is_disconnected))
-                   if is_disconnected is not None else None)
+        watcher = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         try:
             waiting: set[asyncio.Future[Any]] = {waiter} if watcher is None else {waiter, watcher}
             done, _ = await asyncio.wait(waiting, timeout=timeout_s,
@@ -247,12 +246,6 @@ class MicroBatcher(Generic[T, R]):
                 waiter.cancel()
             if watcher is not None and not watcher.done():
                 watcher.cancel()
-
-    @staticmethod
-    async def _watch(is_disconnected: Callable[[], Any]) -> None:
-        """Returns once the client is gone."""
-        while not await is_disconnected():
-            await asyncio.sleep(0.02)
 
     def retry_after_s(self) -> int:
         batches_ahead = math.ceil(self._queue.qsize() / self.max_batch_size)

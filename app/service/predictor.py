@@ -21,7 +21,7 @@ from app.core.images import probe_image
 from app.core.patchcore import Prediction
 from app.service.batching import MicroBatcher, Timed
 from app.service.budget import DECODE_BYTES_PER_PIXEL, MemoryBudget
-from app.service.errors import ClientGone, Overloaded
+from app.service.errors import Overloaded
 from app.service.inference import PredictOptions, PreparedImage, prepare, render, score_prepared
 from app.service.metrics import ServiceMetrics
 from app.service.recent import RecentImages
@@ -32,7 +32,8 @@ from app.storage import BankStore
 
 logger = logging.getLogger(__name__)
 
-Disconnected = Callable[[], Awaitable[bool]]
+# Returns once the client has disconnected (see routes.predict.client_gone).
+ClientGoneWaiter = Callable[[], Awaitable[None]]
 
 
 class Predictor:
@@ -92,7 +93,7 @@ class Predictor:
 
     # ---------------------------------------------------------------- predict
     async def predict(self, product: str, uploads: Sequence[UploadedFile], options: PredictOptions,
-                      is_disconnected: Disconnected | None = None, request_id: str | None = None) -> dict:
+                      client_gone: ClientGoneWaiter | None = None, request_id: str | None = None) -> dict:
         """Prepare in the CPU pool, score through the batcher, render in the pool.
 
         Flagged images are remembered under `request_id` (bounded) for false-alarm feedback."""
@@ -119,12 +120,10 @@ class Predictor:
                 prepared = await asyncio.gather(
                     *(loop.run_in_executor(self.cpu_pool, prepare_one, i, u)
                       for i, u in enumerate(uploads)))
-                try:
-                    scored = await self.batcher.submit_many(
-                        prepared, settings.request_timeout_s, is_disconnected, incoming=mark)
-                except ClientGone:
-                    self.metrics.dropped_images("client_gone", len(prepared))
-                    raise
+                # A client that hangs up abandons its tickets: the worker skips them and
+                # counts them (patchcore_dropped_images_total), once.
+                scored = await self.batcher.submit_many(
+                    prepared, settings.request_timeout_s, client_gone, incoming=mark)
         except Overloaded:
             self.metrics.rejected.inc()
             raise

@@ -260,14 +260,14 @@ def test_requests_whose_client_left_are_dropped_before_compute():
 
     batcher = make(fn, max_batch_size=1, max_wait_ms=0, observer=Observer())
 
-    async def gone():
-        return True
+    async def gone():  # the client has hung up already
+        return None
 
     async def main():
         first = asyncio.ensure_future(batcher.submit_many([1], 10))
         await asyncio.sleep(0.1)
         with pytest.raises(ClientGone):
-            await batcher.submit_many([2], 10, is_disconnected=gone)
+            await batcher.submit_many([2], 10, client_gone=gone)
         gate.set()
         await first
         return await batcher.submit_many([3], 10)

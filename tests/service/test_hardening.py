@@ -60,7 +60,7 @@ def test_an_unexpected_error_keeps_the_connection_open(tmp_path, tile_bank, tile
         original = resources.predictor.predict
 
         async def exploding(product, *args, **kwargs):
-            if product == "tile" and kwargs.get("is_disconnected") is not None and exploding.armed:
+            if product == "tile" and kwargs.get("client_gone") is not None and exploding.armed:
                 exploding.armed = False
                 raise RuntimeError("a bug, at /secret/path 0xdeadbeef")
             return await original(product, *args, **kwargs)
@@ -229,3 +229,50 @@ def test_regions_found_on_a_bounded_map_are_given_in_photo_pixels():
     (region,) = find_regions(small, to_size=(600, 1200))
     assert region["bbox"] == {"x": 300, "y": 60, "width": 300, "height": 60}
     assert region["area"] == 50 * 10 * 36
+
+
+def test_a_client_that_hangs_up_while_queued_is_dropped_and_the_worker_goes_on(tmp_path, tile_bank, tile_test):
+    """A queued request whose client closes the socket is noticed without polling (the
+    ASGI disconnect message): its image is dropped before compute, counted in
+    /metrics, and the next request is served."""
+    import threading
+
+    from app.storage import LocalBankStore
+
+    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
+    live = start_server(test_settings(tmp_path, max_batch_size=1, max_wait_ms=0))
+    gate = threading.Event()
+    try:
+        batcher = live.state.predictor.batcher
+        original = batcher._batch_fn
+
+        def held(payloads):  # the first batch waits for the gate: later requests queue
+            gate.wait(60)
+            return original(payloads)
+
+        batcher._batch_fn = held
+        host, port = live.url.removeprefix("http://").split(":")
+        body = tile_test.read_bytes()
+        request = (f"POST /v1/products/tile/predict?heatmap=none HTTP/1.1\r\nHost: {host}\r\n"
+                   f"Content-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        first = socket.create_connection((host, int(port)), timeout=60)
+        first.sendall(request)
+        time.sleep(0.5)  # the first request holds the worker
+        second = socket.create_connection((host, int(port)), timeout=60)
+        second.sendall(request)
+        time.sleep(0.5)  # the second is queued behind it
+        second.close()  # ... and its client hangs up
+        time.sleep(0.5)
+        gate.set()
+        answer = first.makefile("rb").readline()
+        first.close()
+        assert answer.startswith(b"HTTP/1.1 200")
+        with live.client() as http:
+            metrics = http.get("/metrics").text
+            # Counted once (the worker skipped it), not again by the request that saw it go.
+            assert 'patchcore_dropped_images_total{reason="client_gone"} 1.0' in metrics
+            assert http.post("/v1/products/tile/predict", content=body, params={"heatmap": "none"},
+                             headers={"Content-Type": "image/jpeg"}).status_code == 200
+    finally:
+        gate.set()
+        stop_server(live)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -47,4 +48,14 @@ async def predict(product: ProductDep, request: Request, predictor: ReadyPredict
     predictor.get(product)  # an unknown product answers 404 before the body is read
     uploads = await read_uploads(request, predictor.settings.max_images_per_request)
     return await predictor.predict(product, uploads, PredictOptions(heatmap, regions),
-                                   is_disconnected=request.is_disconnected, request_id=request_id_var.get())
+                                   client_gone=lambda: client_gone(request), request_id=request_id_var.get())
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has disconnected.
+
+    The body has been read, so the next ASGI message is `http.disconnect`: waiting for
+    it costs nothing while the request queues. (Polling `request.is_disconnected()`
+    every 20 ms cost each waiting request 50 wake-ups a second on the event loop.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)  # not expected after the body; never spin
