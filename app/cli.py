@@ -74,9 +74,11 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-precision", default=None, choices=["auto", "f32", "bf16"],
                         help="OpenVINO precision; default $PATCHCORE_BACKBONE_PRECISION or auto (bf16 on AMX)")
     parser.add_argument("--search-backend", default="auto", choices=["auto", "faiss", "torch"],
-                        help="exact kNN search: auto = faiss GPU > torch on CUDA > faiss on the CPU")
+                        help="exact kNN search: auto = $PATCHCORE_SEARCH_BACKEND, else faiss GPU > torch "
+                             "on CUDA > faiss on the CPU")
     parser.add_argument("--search-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="torch search products (exact fp32 re-rank either way); auto = bf16 on CUDA")
+                        help="torch search products (exact fp32 re-rank either way); auto = "
+                             "$PATCHCORE_SEARCH_PRECISION, else bf16 on CUDA")
 
 
 def _embedder_from(args: argparse.Namespace, config):

@@ -19,6 +19,7 @@ fp32 answer, see `TorchExactIndex`); `precision="fp32"` gives plain fp32 product
 
 from __future__ import annotations
 
+import os
 from typing import Literal, Protocol
 
 import numpy as np
@@ -290,6 +291,11 @@ def resolve_search(device: torch.device | str, backend: SearchBackend = "auto",
                    precision: SearchPrecision = "auto") -> tuple[str, str]:
     """(backend, precision) that `create_index` will use for this device."""
     device = torch.device(device)
+    # A deployment picks without code, as for the backbone runtime.
+    if backend == "auto":
+        backend = os.environ.get("PATCHCORE_SEARCH_BACKEND", "auto") or "auto"  # type: ignore[assignment]
+    if precision == "auto":
+        precision = os.environ.get("PATCHCORE_SEARCH_PRECISION", "auto") or "auto"  # type: ignore[assignment]
     if backend not in SEARCH_BACKENDS:
         raise ValueError(f"search backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
     if precision not in SEARCH_PRECISIONS:

@@ -103,7 +103,9 @@ def test_torch_index_refuses_wrong_arrays():
         TorchExactIndex(np.zeros((4, 8), np.float32), precision="int8")  # type: ignore[arg-type]
 
 
-def test_selection():
+def test_selection(monkeypatch):
+    monkeypatch.delenv("PATCHCORE_SEARCH_BACKEND", raising=False)
+    monkeypatch.delenv("PATCHCORE_SEARCH_PRECISION", raising=False)
     assert resolve_search("cpu") == ("faiss", "fp32")
     assert resolve_search("cpu", "torch") == ("torch", "fp32")
     assert resolve_search("cpu", precision="bf16") == ("torch", "bf16")
@@ -112,6 +114,11 @@ def test_selection():
     bank = np.zeros((4, 8), np.float32)
     assert isinstance(create_index(bank, "cpu"), NearestNeighbourIndex)
     assert isinstance(create_index(bank, "cpu", "torch"), TorchExactIndex)
+    # A deployment's choice through the environment (the service has no other knob).
+    monkeypatch.setenv("PATCHCORE_SEARCH_BACKEND", "torch")
+    monkeypatch.setenv("PATCHCORE_SEARCH_PRECISION", "bf16")
+    assert resolve_search("cpu") == ("torch", "bf16")
+    assert resolve_search("cpu", "faiss", "fp32") == ("faiss", "fp32")  # an explicit choice wins
 
 
 @pytest.mark.cuda

@@ -59,7 +59,8 @@ def test_predict_from_the_new_bank(http, bottle_job, bottle_good, bottle_defect)
     for result in good + bad:
         assert result["bank_version"] == bottle_job["version"]
         assert (result["width"], result["height"]) == (900, 900)
-        assert result["score"] > 0 and result["raw_score"] > 0 and result["threshold"] > 0
+        # score: nominal median -> 0 (a good part at or below it scores 0), threshold -> 0.5.
+        assert 0 <= result["score"] <= 1 and result["raw_score"] > 0 and result["threshold"] > 0
         assert result["is_anomalous"] == (result["score"] > 0.5)
         timings = result["timings"]
         assert timings["compute_ms"] > 0 and timings["queued_ms"] >= 0

@@ -24,9 +24,9 @@ class CountingEmbedder:
     def preprocess(self, images, boxes=None):
         return self.inner.preprocess(images, boxes)
 
-    def embed(self, batch):
+    def embed(self, batch, on_device=False):
         self.calls.append(int(batch.shape[0]))
-        return self.inner.embed(batch)
+        return self.inner.embed(batch, on_device=on_device)
 
     def __getattr__(self, name):  # config, feature_dim, device, ...
         return getattr(self.inner, name)
