@@ -45,12 +45,20 @@ def coreset_size_for(n_features: int, ratio: float | None = None, size: int | No
     return max(1, min(n_features, int(round(n_features * ratio))))
 
 
+def projection_matrix(feature_dim: int, dim: int, seed: int) -> np.ndarray | None:
+    """The fixed-seed Gaussian (feature_dim, dim) matrix of `random_projection`; None when
+    feature_dim <= dim (no projection)."""
+    if feature_dim <= dim:
+        return None
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((feature_dim, dim)) / np.sqrt(dim)).astype(np.float32)
+
+
 def random_projection(features: np.ndarray, dim: int, seed: int, chunk: int = 65536) -> np.ndarray:
     """(N, D) -> (N, dim) with a fixed-seed Gaussian matrix; identity when D <= dim."""
-    if features.shape[1] <= dim:
+    matrix = projection_matrix(features.shape[1], dim, seed)
+    if matrix is None:
         return features
-    rng = np.random.default_rng(seed)
-    matrix = (rng.standard_normal((features.shape[1], dim)) / np.sqrt(dim)).astype(np.float32)
     out = np.empty((features.shape[0], dim), dtype=np.float32)
     for start in range(0, features.shape[0], chunk):  # chunked: no (N, D) float temporaries
         np.matmul(features[start:start + chunk], matrix, out=out[start:start + chunk])
@@ -75,16 +83,19 @@ def select_coreset(
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    projected: bool = False,
 ) -> CoresetSelection:
     """Greedy k-center coreset of `features` (N, D) float32 and its coverage radius.
 
-    Deterministic for a seed. `projection_dim=None` runs on the full features.
+    Deterministic for a seed. `projection_dim=None` runs on the full features;
+    `projected=True` says `features` already are `random_projection(..., projection_dim,
+    seed)` of them (a build that projected each batch as it was embedded).
     """
     if features.ndim != 2 or features.shape[0] == 0:
         raise ValueError(f"features must be (N, D) with N > 0, got {features.shape}")
     n = features.shape[0]
     size = min(int(size), n)
-    points = features if projection_dim is None else random_projection(features, projection_dim, seed)
+    points = features if projection_dim is None or projected else random_projection(features, projection_dim, seed)
     rng = np.random.default_rng(seed)
     starts = rng.choice(n, size=min(num_starts, size), replace=False)
     if torch.device(device).type == "cuda":
