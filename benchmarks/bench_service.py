@@ -191,6 +191,20 @@ def _client_process(args: tuple) -> dict:
     return asyncio.run(_requests(*args))
 
 
+def server_seconds(url: str) -> tuple[float, float]:
+    """(sum of seconds, count) of predict requests as the service itself timed them
+    (its request-duration histogram in /metrics: from the first byte in to the last out)."""
+    total = count = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if "predict" not in line:
+            continue
+        if line.startswith("patchcore_http_request_duration_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("patchcore_http_request_duration_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def load(url: str, images: list[bytes], concurrency: int, total: int, max_seconds: float,
          content_type: str = "image/png", clients: int = 1, start_delay_s: float = 10.0) -> dict:
     """`total` requests from `concurrency` connections spread over `clients` processes,
@@ -380,15 +394,22 @@ def main() -> None:
             try:
                 service_info = json.loads(info.read_text())
                 for concurrency in args.concurrency:
+                    before = server_seconds(url)
                     row = load(url, images, concurrency, requests, max_seconds,
                                content_type=f"image/{args.image_format}", clients=args.clients,
                                start_delay_s=args.client_start_delay)
+                    after = server_seconds(url)
+                    # Mean time inside the service per request (the level's warm-up included):
+                    # what the client waits beyond it is the client's own share of the machine.
+                    served = after[1] - before[1]
+                    row["server_mean_ms"] = (after[0] - before[0]) / served * 1000 if served else None
                     row["batching"] = mode
                     row["gpu_memory_mb"] = gpu_memory_mb(process.pid)
                     rows.append(row)
                     print(f"batching {mode:3} c={concurrency:2}: {row['throughput_rps']:.2f} req/s"
                           f" p50 {row['p50_ms']:.0f} ms, mean batch {row['mean_batch']:.1f}, "
-                          f"{row['requests']} requests from {row['clients']} client(s); inside the "
+                          f"{row['requests']} requests from {row['clients']} client(s); mean in the "
+                          f"service {row['server_mean_ms'] or 0:.0f} ms; inside the "
                           "service (median ms) " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in
                                                              row["server_median_ms"].items() if v is not None)
                           + (" (time cap)" if row["truncated"] else "")

@@ -33,6 +33,8 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(shared_data, tmp_path):
             assert row["gpu_memory_mb"] is None  # no GPU here: reported as n/a, never made up
             # Concurrency 2 is split over two load-generating processes.
             assert row["clients"] == row["concurrency"]
+            # The service's own mean time per request, from its /metrics (warm-up included).
+            assert row["server_mean_ms"] > 0
         assert report["engine"]["device"] == "cpu"
         table = (out / f"service_{image_format}.md").read_text()
         assert "| batching | concurrency |" in table and "GPU MB" in table
