@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
     except OSError:
@@ -42,7 +43,7 @@ def configure_native_threads() -> None:
         os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     if "OPENBLAS_CORETYPE" in os.environ or os.environ.get("PATCHCORE_KEEP_OPENBLAS_CORETYPE"):
         return
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
         os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
     elif {"avx2", "fma"} <= flags:

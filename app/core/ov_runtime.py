@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from app._blas import cpu_flags
+
 BackboneRuntime = Literal["auto", "torch", "openvino"]
 BackbonePrecision = Literal["auto", "f32", "bf16"]
 RUNTIMES: tuple[str, ...] = ("auto", "torch", "openvino")
@@ -48,17 +50,6 @@ def openvino_version() -> str | None:
     except ImportError:
         return None
     return str(openvino.__version__)
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def default_cache_dir() -> Path:
