@@ -7,8 +7,9 @@ each concurrency level (httpx, raw image bodies, heatmap=none). Finally it times
 the engine in a FRESH subprocess: same interpreter and environment, `app`
 imported first (so OPENBLAS_CORETYPE is set before faiss loads, as in the
 service), the service's torch thread count, the same bank loaded from disk, the
-same images, and per request the work the service does (decode bytes ->
-PatchCoreModel.predict, no heatmap rendering), at batch 1 and at the mean batch
+same images, and per request the work the service does with the service's own
+functions (app.service.inference.prepare, then score_prepared as the batch worker
+calls it; no heatmap rendering), serially, at batch 1 and at the mean batch
 sizes the service achieved, on a worker thread like the service's batch worker.
 (Timing it on the main thread is not honest: there torch's and faiss's OpenMP
 runtimes spin against each other and a backbone pass takes ~60x longer.)
@@ -52,8 +53,10 @@ from PIL import Image  # noqa: E402
 # Importing anything from `app` runs app/__init__ first, which sets OPENBLAS_CORETYPE
 # before faiss (and its OpenBLAS) loads, as in the service; torch does not load faiss.
 from app.core.embedding import EmbedderConfig, create_embedder  # noqa: E402
-from app.core.images import DEFAULT_MAX_PIXELS, decode_for_model  # noqa: E402
+from app.core.images import DEFAULT_MAX_PIXELS  # noqa: E402
 from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank  # noqa: E402
+from app.service.inference import prepare, score_prepared  # noqa: E402
+from app.service.registry import LoadedProduct, describe_bank  # noqa: E402
 from app.storage import LocalBankStore  # noqa: E402
 
 PRODUCT = "bench"
@@ -247,7 +250,7 @@ def engine_child(spec_path: Path, out_path: Path) -> None:
     _, bank = LocalBankStore(Path(spec["models"])).load(PRODUCT)
     embedder = create_embedder(EmbedderConfig.from_dict(bank.manifest["embedder"]),
                                device=spec["device"])
-    model = PatchCoreModel(bank, embedder)
+    product = LoadedProduct(PRODUCT, "bench", PatchCoreModel(bank, embedder), describe_bank(bank))
     images = [Path(p).read_bytes() for p in spec["images"]]
     cursor = 0
 
@@ -256,10 +259,9 @@ def engine_child(spec_path: Path, out_path: Path) -> None:
         chunk = [images[(cursor + j) % len(images)] for j in range(size)]
         cursor += size
         started = time.perf_counter()
-        # The service's decode: JPEGs at a reduced scale in the DCT domain (app.service.inference).
-        need = model.framing.min_decode_side(embedder.config.image_size)
-        decoded = [decode_for_model(data, max_pixels=DEFAULT_MAX_PIXELS, min_side=need) for data in chunk]
-        model.predict([image for image, _ in decoded], [size for _, size in decoded])
+        # The service's own functions: decode + resize (JPEGs at a reduced scale), then
+        # the batch worker's call, one after the other on this thread.
+        score_prepared([prepare(product, data, DEFAULT_MAX_PIXELS, keep_image=False) for data in chunk])
         return time.perf_counter() - started
 
     results: dict = {}
