@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+# Returns once the client has disconnected (see routes.predict.client_gone).
+ClientGoneWaiter = Callable[[], Awaitable[None]]
+
 
 @dataclass
 class Timed(Generic[R]):
@@ -193,7 +196,7 @@ class MicroBatcher(Generic[T, R]):
 
     # ------------------------------------------------------------------ submit (event loop)
     async def submit_many(self, payloads: Sequence[T], timeout_s: float,
-                          client_gone: Callable[[], Awaitable[None]] | None = None, *,
+                          client_gone: ClientGoneWaiter | None = None, *,
                           incoming: Incoming | None = None) -> list[Timed[R]]:
         """Queue all payloads of one request together and wait for their results.
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from app.core.embedding import EmbedderConfig, PatchEmbedder, create_embedder
 from app.core.errors import ImageTooLarge, PatchCoreError
 from app.core.images import probe_image
 from app.core.patchcore import Prediction
-from app.service.batching import MicroBatcher, Timed
+from app.service.batching import ClientGoneWaiter, MicroBatcher, Timed
 from app.service.budget import DECODE_BYTES_PER_PIXEL, MemoryBudget
 from app.service.errors import Overloaded
 from app.service.inference import PredictOptions, PreparedImage, prepare, render, score_prepared
@@ -31,10 +31,6 @@ from app.service.staging import UploadedFile
 from app.storage import BankStore
 
 logger = logging.getLogger(__name__)
-
-# Returns once the client has disconnected (see routes.predict.client_gone).
-ClientGoneWaiter = Callable[[], Awaitable[None]]
-
 
 class Predictor:
     def __init__(self, settings: Settings, store: BankStore, metrics: ServiceMetrics, *,
