@@ -236,15 +236,13 @@ def build_bank(
     total_patches = features.shape[0]
     if projection is None:
         bank_features = np.ascontiguousarray(features[chosen])
-        del features
-    else:
-        del features
-        again = time.perf_counter()
+    del features
+    timings["coreset_s"] = time.perf_counter() - start
+    if projection is not None:
+        start = time.perf_counter()
         bank_features = collect_rows(embedder, fit_sources, config.batch_size, chosen, should_stop,
                                      config.framing)
-        timings["features_s"] += time.perf_counter() - again
-        start += time.perf_counter() - again
-    timings["coreset_s"] = time.perf_counter() - start
+        timings["features_s"] += time.perf_counter() - start
 
     start = time.perf_counter()
     index = create_index(bank_features, embedder.device)
