@@ -13,6 +13,9 @@ Variants (one bank, shared by all):
     ov-bf16        OpenVINO bf16 backbone, PNG body
     ov-f32-tbf16   OpenVINO f32, torch bf16 search with exact re-rank, PNG body
 
+`--also-bank MODELS/PRODUCT` adds the ov-f32 and ov-f32-jpeg paths on a second bank
+(other embedder settings allowed, e.g. --stage-dim 64) to the same interleaved run.
+
 Every variant sees every image once per round, in rotating order, on one worker
 thread (as the service's batch worker), so machine noise hits all of them alike.
 
@@ -54,6 +57,7 @@ class Variant:
     search: tuple[str, str]
     body: str          # png | jpeg
     reduced: bool      # decode_for_model(min_side=image size) instead of decode_image
+    bank: str = "main"  # "main", or "also" for the --also-bank bank
 
 
 VARIANTS = [
@@ -104,6 +108,9 @@ def main() -> None:
     parser.add_argument("--bank", type=Path, default=None,
                         help="load this product's active bank from a models dir (MODELS/PRODUCT) instead of "
                              "building one from bottle/train/good")
+    parser.add_argument("--also-bank", type=Path, default=None,
+                        help="a second bank (MODELS/PRODUCT, any embedder settings): adds its ov-f32 and "
+                             "ov-f32-jpeg variants to the same run")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -117,8 +124,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.bank is not None:
         _, bank = LocalBankStore(args.bank.parent).load(args.bank.name)
-        if EmbedderConfig.from_dict(bank.embedder) != EmbedderConfig():
-            sys.exit("the bank must use the default embedder settings")
         print(f"bank: loaded {args.bank}, {bank.size} features", flush=True)
     else:
         config = PatchCoreConfig()
@@ -128,14 +133,22 @@ def main() -> None:
         print(f"bank: {len(train)} images, {bank.size} features, built in {time.perf_counter() - started:.1f} s",
               flush=True)
 
-    embedders: dict[tuple[str, str], PatchEmbedder] = {}
+    banks = {"main": bank}
+    if args.also_bank is not None:
+        _, banks["also"] = LocalBankStore(args.also_bank.parent).load(args.also_bank.name)
+        label = f"{args.also_bank.name}"
+        variants += [Variant(f"ov-f32 [{label}]", "openvino", "f32", ("faiss", "fp32"), "png", False, "also"),
+                     Variant(f"ov-f32-jpeg [{label}]", "openvino", "f32", ("faiss", "fp32"), "jpeg", True, "also")]
+        print(f"also-bank: loaded {args.also_bank}, {banks['also'].size} features", flush=True)
+    embedder_keys = {v.name: (v.runtime, v.precision, EmbedderConfig.from_dict(banks[v.bank].embedder))
+                     for v in variants}
+    embedders: dict[tuple[str, str, EmbedderConfig], PatchEmbedder] = {}
     models: dict[str, PatchCoreModel] = {}
     for v in variants:
-        key = (v.runtime, v.precision)
+        key = embedder_keys[v.name]
         if key not in embedders:
-            embedders[key] = create_embedder(EmbedderConfig(), device="cpu", runtime=v.runtime,
-                                             precision=v.precision)
-        models[v.name] = PatchCoreModel(bank, embedders[key], *v.search)  # type: ignore[arg-type]
+            embedders[key] = create_embedder(key[2], device="cpu", runtime=v.runtime, precision=v.precision)
+        models[v.name] = PatchCoreModel(banks[v.bank], embedders[key], *v.search)  # type: ignore[arg-type]
     bodies = {"png": [p.read_bytes() for p in tests], "jpeg": [jpeg_bytes(p) for p in tests]}
     times: dict[str, list[list[float]]] = {v.name: [] for v in variants}
     scores: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -144,12 +157,12 @@ def main() -> None:
     def measure() -> None:
         try:
             for v in variants:  # warm-up: first calls allocate and pick kernels
-                one_image(models[v.name], embedders[(v.runtime, v.precision)], bodies[v.body][0], v.reduced)
+                one_image(models[v.name], embedders[embedder_keys[v.name]], bodies[v.body][0], v.reduced)
             for round_index in range(args.rounds):
                 for i in range(len(tests)):
                     shift = (i + round_index) % len(variants)
                     for v in variants[shift:] + variants[:shift]:
-                        split, score = one_image(models[v.name], embedders[(v.runtime, v.precision)],
+                        split, score = one_image(models[v.name], embedders[embedder_keys[v.name]],
                                                  bodies[v.body][i], v.reduced)
                         times[v.name].append(split)
                         if round_index == 0:

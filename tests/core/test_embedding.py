@@ -11,7 +11,7 @@ def test_patch_features_shape_and_batch_independence(lite0):
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(224, 224), (300, 180), (97, 401)]]
     batched = lite0.embed(lite0.preprocess(images))
     assert batched.shape == (3, 28, 28, lite0.feature_dim) and batched.dtype == torch.float32
-    assert lite0.feature_dim == 128 + 128  # flatten: 40 x 9 and 112 x 9 values, each pooled to 128
+    assert lite0.feature_dim == 64 + 64  # flatten: 40 x 9 and 112 x 9 values, each pooled to 64
     for i, image in enumerate(images):
         single = lite0.embed(lite0.preprocess([image]))
         torch.testing.assert_close(single[0], batched[i], rtol=1e-4, atol=1e-4)
@@ -19,7 +19,9 @@ def test_patch_features_shape_and_batch_independence(lite0):
 
 def test_flatten_pools_before_upsampling_and_that_changes_nothing(lite0):
     """Pooling each position's values and bilinear upsampling act on different axes and
-    are both linear: the order does not matter (pooling first upsamples 4x less)."""
+    are both linear: the order does not matter (pooling first upsamples 4x less). The
+    reference is the official unfold + pool, the embedder's is one convolution: every
+    position, the zero-padded border included, must agree."""
     import math
 
     import torch.nn.functional as F
@@ -28,7 +30,7 @@ def test_flatten_pools_before_upsampling_and_that_changes_nothing(lite0):
     stage8, stage16 = torch.randn(2, 40, 28, 28), torch.randn(2, 112, 14, 14)
     got = lite0.aggregate([stage8, stage16])
     parts = []
-    for stage, kept in ((stage8, 128), (stage16, 128)):
+    for stage, kept in zip((stage8, stage16), lite0._kept_dims(), strict=True):
         local = F.unfold(stage, kernel_size=3, padding=1).reshape(2, -1, *stage.shape[-2:])
         local = F.interpolate(local, size=(28, 28), mode="bilinear", align_corners=False)  # upsample first
         local = local.permute(0, 2, 3, 1)
