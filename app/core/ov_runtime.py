@@ -40,7 +40,7 @@ BackboneRuntime = Literal["auto", "torch", "openvino"]
 BackbonePrecision = Literal["auto", "f32", "bf16"]
 RUNTIMES: tuple[str, ...] = ("auto", "torch", "openvino")
 PRECISIONS: tuple[str, ...] = ("auto", "f32", "bf16")
-_FORMAT = 1  # bump when the export itself changes
+_FORMAT = 2  # bump when the export itself changes (2: the flatten head can be part of the graph)
 logger = logging.getLogger(__name__)
 
 

@@ -34,13 +34,18 @@ def real_batch(shared_data):
 def test_openvino_f32_stage_maps_and_features_match_torch(real_batch, lite0):
     torch_embedder, batch = real_batch
     assert lite0.runtime == "openvino" and lite0.precision == resolve_precision(None)
-    ov_f32 = create_embedder(EmbedderConfig(), device="cpu", runtime="openvino", precision="f32")
+    # The stage maps alone (the mean aggregation runs after the graph, in torch) ...
+    ov_stages = create_embedder(EmbedderConfig(aggregation="mean"), device="cpu", runtime="openvino",
+                                precision="f32")
     with torch.inference_mode():
         reference = torch_embedder.backbone(batch)
-    stages = ov_f32.backbone(batch)
+    stages = ov_stages.backbone(batch)
     for got, want in zip(stages, reference, strict=True):
         assert got.shape == want.shape
         assert _relative(got, want) < F32_TOLERANCE
+    # ... and the default, whose flatten head is compiled into the same graph.
+    ov_f32 = create_embedder(EmbedderConfig(), device="cpu", runtime="openvino", precision="f32")
+    assert ov_f32._fused_head and len(ov_f32.backbone(batch)) == 1
     features = ov_f32.embed(batch)
     assert _relative(features, torch_embedder.embed(batch)) < F32_TOLERANCE
     # The embedder API the service uses is unchanged.
@@ -50,7 +55,8 @@ def test_openvino_f32_stage_maps_and_features_match_torch(real_batch, lite0):
 
 def test_openvino_bf16_stays_within_its_stated_tolerance(real_batch):
     torch_embedder, batch = real_batch
-    ov_bf16 = create_embedder(EmbedderConfig(), device="cpu", runtime="openvino", precision="bf16")
+    ov_bf16 = create_embedder(EmbedderConfig(aggregation="mean"), device="cpu", runtime="openvino",
+                              precision="bf16")
     with torch.inference_mode():
         reference = torch_embedder.backbone(batch)
     errors = [_relative(got, want) for got, want in zip(ov_bf16.backbone(batch), reference, strict=True)]
