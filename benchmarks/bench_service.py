@@ -295,12 +295,17 @@ def engine_child(spec_path: Path, out_path: Path) -> None:
         "device": str(embedder.device), "batches": results}))
 
 
-def time_engine(models: Path, device: str, image_paths: list[Path], batches: list[int],
+def time_engine(models: Path, device: str, bodies: list[bytes], batches: list[int],
                 torch_threads: int, warmup: int, images_per_size: int, tmp: Path) -> dict:
     spec = tmp / "engine-spec.json"
     out = tmp / "engine-out.json"
+    # The very bodies the service is sent (PNG or JPEG), so both decode the same bytes.
+    body_paths = []
+    for index, body in enumerate(bodies):
+        body_paths.append(tmp / f"engine-body-{index}")
+        body_paths[-1].write_bytes(body)
     spec.write_text(json.dumps({"models": str(models), "device": device,
-                                "images": [str(p) for p in image_paths], "batches": batches,
+                                "images": [str(p) for p in body_paths], "batches": batches,
                                 "torch_threads": torch_threads, "warmup": warmup,
                                 "images_per_size": images_per_size}))
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--engine-child", str(spec),
@@ -422,7 +427,7 @@ def main() -> None:
                 process.wait(30)
 
         # The service is gone: the engine child has the machine to itself.
-        engine = time_engine(models, args.device, tests, batch_sizes_for(rows),
+        engine = time_engine(models, args.device, images, batch_sizes_for(rows),
                              service_info["torch_threads"], warmup, images_per_size, tmp)
 
     print(f"\nservice: torch threads {service_info['torch_threads']}, OPENBLAS_CORETYPE "
