@@ -28,6 +28,15 @@ def _models_dir(value: str | None) -> Path:
     return Path(value or os.environ.get("PATCHCORE_MODELS_DIR") or DEFAULT_MODELS_DIR)
 
 
+def _map_sigma(text: str) -> float:
+    from app.core.patchcore import MAX_MAP_SIGMA
+
+    value = float(text)
+    if not 0.0 <= value <= MAX_MAP_SIGMA:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_MAP_SIGMA:g}")
+    return value
+
+
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     from app.core.backbones import BACKBONES, DEFAULT_BACKBONE
     from app.core.embedding import AGGREGATIONS
@@ -59,6 +68,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                          help="frame this box, in original-image pixels (default: the whole frame)")
     parser.add_argument("--holdout-fraction", type=float, default=defaults.holdout_fraction,
                         help="nominal images kept out of the bank to calibrate the threshold")
+    parser.add_argument("--map-sigma", type=_map_sigma, default=defaults.gaussian_sigma, metavar="PX",
+                        help="anomaly-map smoothing, Gaussian sigma in network-input pixels (paper: 4; larger "
+                             "suits large, low-contrast defects, README)")
     parser.add_argument("--false-alarm-rate", type=float, default=defaults.false_alarm_rate,
                         help="false-alarm budget on good parts for the nominal-only threshold (0.001 = 1 in 1,000)")
     parser.add_argument("--seed", type=int, default=0)
@@ -101,7 +113,7 @@ def _config_from(args: argparse.Namespace):
                            projection_dim=args.projection_dim or None, reweight_neighbours=args.reweight,
                            top_k=args.top_k, framing=Framing.parse(args.centre_crop, args.roi),
                            holdout_fraction=args.holdout_fraction, false_alarm_rate=args.false_alarm_rate,
-                           seed=args.seed)
+                           gaussian_sigma=args.map_sigma, seed=args.seed)
 
 
 class _Progress:

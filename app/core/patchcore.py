@@ -35,6 +35,10 @@ ImageSource = Path | str | np.ndarray
 ProgressFn = Callable[[str, float], None]
 
 
+# Map smoothing beyond this (in network-input pixels) blurs a 224 px map into one blob.
+MAX_MAP_SIGMA = 32.0
+
+
 @dataclass(frozen=True)
 class PatchCoreConfig:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
@@ -45,7 +49,7 @@ class PatchCoreConfig:
     reweight_neighbours: int = 0        # b of Eq. 7; 0 = plain max-distance score
     top_k: int = 1                      # image score = mean of the top_k patch scores (1 = max, Eq. 6)
     framing: Framing = field(default_factory=Framing)  # which part of the frame the backbone sees
-    gaussian_sigma: float = 4.0         # anomaly map smoothing (paper: 4)
+    gaussian_sigma: float = 4.0         # anomaly map smoothing, px at the input size (paper: 4)
     holdout_fraction: float = 0.1       # nominal images kept out of the bank for calibration
     min_holdout: int = 5
     false_alarm_rate: float = 0.01      # target rate of good parts flagged, for the threshold

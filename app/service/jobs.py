@@ -86,6 +86,7 @@ class BuildParams:
     image_size: int | None = None
     framing: Framing | None = None
     false_alarm_rate: float | None = None
+    map_sigma: float | None = None
 
     def config(self) -> PatchCoreConfig:
         """The full build's config (an append build's comes from its base bank)."""
@@ -102,6 +103,8 @@ class BuildParams:
             changes["framing"] = self.framing
         if self.false_alarm_rate is not None:
             changes["false_alarm_rate"] = self.false_alarm_rate
+        if self.map_sigma is not None:
+            changes["gaussian_sigma"] = self.map_sigma
         if self.coreset_ratio is not None:
             changes["coreset_ratio"] = self.coreset_ratio
         if self.seed is not None:

@@ -37,6 +37,7 @@ def describe_bank(bank: MemoryBank) -> dict:
         "image_size": embedder.get("image_size"),
         "framing": Framing.from_dict(manifest.get("framing")).to_dict(),
         "false_alarm_rate": calibration.get("false_alarm_rate"),
+        "map_sigma": (manifest.get("config") or {}).get("gaussian_sigma", 4.0),
         "bank_size": int(manifest.get("bank_size", len(bank.features))),
         "feature_dim": int(bank.features.shape[1]),
         "threshold": calibration.get("threshold"),

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from app.core.framing import Framing
+from app.core.patchcore import MAX_MAP_SIGMA
 
 
 class ErrorDetail(BaseModel):
@@ -80,6 +81,8 @@ class ProductInfo(BaseModel):
     image_size: int | None = None
     framing: FramingInfo | None = Field(default=None, description="which part of each photo the bank sees")
     false_alarm_rate: float | None = Field(default=None, description="the threshold's false-alarm budget")
+    map_sigma: float | None = Field(default=None, description="anomaly-map smoothing (Gaussian sigma, "
+                                    "network-input pixels)")
     bank_size: int | None = None
     feature_dim: int | None = None
     threshold: float | None = None
@@ -143,6 +146,9 @@ class BuildRequest(BaseModel):
     false_alarm_rate: float | None = Field(default=None, gt=0.0, lt=0.5,
                                            description="false-alarm budget on good parts for the "
                                            "nominal-only threshold (0.001 = 1 in 1,000; default 0.01)")
+    map_sigma: float | None = Field(default=None, ge=0.0, le=MAX_MAP_SIGMA,
+                                    description="anomaly-map smoothing, Gaussian sigma in network-input "
+                                    "pixels (default 4, the paper's; larger suits large, low-contrast defects)")
 
     @model_validator(mode="after")
     def _framing_is_valid(self) -> BuildRequest:

@@ -103,3 +103,26 @@ def test_f1_threshold_from_a_labelled_validation_set(bottle, lite0_small):
     validation = (bottle["good"] + bottle["defect"], [0] * 4 + [1] * 4)
     bank = build_bank(bottle["train"][:6], SMALL, lite0_small, validation=validation)
     assert bank.manifest["calibration"]["method"] == "f1_validation"
+
+
+def test_stored_map_sigma_smooths_the_served_map(bottle_model, bottle, lite0_small, tmp_path):
+    """A product's map smoothing is part of its bank and is what predict applies."""
+    import copy
+
+    from app.core.bank import MemoryBank
+    from app.core.scoring import score_patches, smoothed_maps
+
+    manifest = copy.deepcopy(bottle_model.bank.manifest)
+    manifest["config"]["gaussian_sigma"] = 12.0
+    store = LocalBankStore(tmp_path)
+    store.save("wide", MemoryBank(bottle_model.bank.features, bottle_model.bank.nominal_scores, manifest))
+    wide = PatchCoreModel(store.load("wide")[1], lite0_small)
+    image = decode_image(bottle["defect"][0])
+    embeddings = lite0_small.embed(wide.preprocess([image])).numpy()
+    patch_scores, _ = score_patches(wide.index, embeddings)
+    served, default = wide.predict([image])[0], bottle_model.predict([image])[0]
+    np.testing.assert_allclose(served.smoothed_map.numpy(), smoothed_maps(patch_scores, 128, 12.0)[0].numpy(),
+                               rtol=1e-5, atol=1e-5)
+    assert served.raw_score == pytest.approx(default.raw_score)  # the score is not smoothed
+    # Wider smoothing spreads the peak: a lower maximum over the same patch scores.
+    assert served.smoothed_map.max() < default.smoothed_map.max()
