@@ -1,0 +1,62 @@
+"""The accuracy-study scripts on a tiny real subset, so the README's figures stay reproducible.
+
+benchmarks/map_study.py re-maps a saved bank's patch scores: its default row must be the
+pixel AUROC that `evaluate_bank` reports for the same bank and images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.core.embedding import EmbedderConfig, create_embedder
+from app.core.evaluation import evaluate_bank, read_category
+from app.core.images import list_images
+from app.core.patchcore import PatchCoreConfig, build_bank
+from app.storage import LocalBankStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mini_bottle(shared_data, tmp_path_factory):
+    """bottle with 10 training, 2 good and 3 broken_large test images (symlinks, nothing copied)."""
+    root = tmp_path_factory.mktemp("mini")
+    src = shared_data / "bottle"
+    for sub, count in {"train/good": 10, "test/good": 2, "test/broken_large": 3}.items():
+        (root / "bottle" / sub).mkdir(parents=True)
+        for path in list_images(src / sub)[:count]:
+            (root / "bottle" / sub / path.name).symlink_to(path)
+            if sub == "test/broken_large":
+                masks = root / "bottle" / "ground_truth" / "broken_large"
+                masks.mkdir(parents=True, exist_ok=True)
+                (masks / f"{path.stem}_mask.png").symlink_to(src / "ground_truth" / "broken_large"
+                                                             / f"{path.stem}_mask.png")
+    return root
+
+
+@pytest.mark.slow
+def test_map_study_default_row_is_the_evaluated_pixel_auroc(mini_bottle, tmp_path):
+    config = PatchCoreConfig(embedder=EmbedderConfig(image_size=128), coreset_ratio=0.25)
+    embedder = create_embedder(config.embedder, device="cpu")
+    category = read_category(mini_bottle, "bottle")
+    bank = build_bank(category.train, config, embedder)
+    LocalBankStore(tmp_path / "models").save("bottle", bank)
+    expected = evaluate_bank(bank, category, embedder)["pixel_auroc"]
+
+    out = tmp_path / "study.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/map_study.py", "--bank", str(tmp_path / "models" / "bottle"),
+         "--data", str(mini_bottle), "--category", "bottle", "--json", str(out)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert results["default (nearest row, sigma 4)"] == pytest.approx(expected, abs=1e-4)
+    assert {"sigma 12", "mean of 3 nearest rows", "per image: minus median",
+            "defect vs good-image pixels", "defect vs defective-image pixels > 0.2"} <= set(results)
+    assert all(0.0 <= value <= 1.0 for key, value in results.items() if not key.startswith("mean map"))
