@@ -182,11 +182,7 @@ class PatchEmbedder:
     def aggregate(self, stages: list[torch.Tensor]) -> torch.Tensor:
         """[(B, C1, h, w), (B, C2, h/2, w/2)] -> (B, h, w, D)."""
         if self.head is not None:
-            head = self.head
-            if stages[0].device != head.weights[0].device or stages[0].dtype != head.weights[0].dtype:
-                head = FlattenHead(self.stage_channels, self._kept_dims(), self.config.patch_size).to(
-                    device=stages[0].device, dtype=stages[0].dtype)
-            return head(*stages)
+            return self.head(*stages)
         p = self.config.patch_size
         height, width = stages[0].shape[-2:]
         parts = []
@@ -255,10 +251,6 @@ class FlattenHead(nn.Module):
         self.padding = patch_size // 2
         for index, (c, k) in enumerate(zip(channels, kept, strict=True)):
             self.register_buffer(f"weight{index}", flatten_pooling_weights(c, patch_size, k))
-
-    @property
-    def weights(self) -> list[torch.Tensor]:
-        return [self.weight0, self.weight1]
 
     def forward(self, stage8: torch.Tensor, stage16: torch.Tensor) -> torch.Tensor:
         fine = F.conv2d(stage8, self.weight0, padding=self.padding)

@@ -168,7 +168,7 @@ def evaluate_bank(
         "stage_dim": embedder.config.stage_dim,
         "framing": model.framing.to_dict(),
         "top_k": config.get("top_k", 1),
-        "map_sigma": config.get("gaussian_sigma", model.gaussian_sigma),
+        "map_sigma": model.gaussian_sigma,
         "holdout_fraction": config.get("holdout_fraction"),
         "feature_dim": embedder.feature_dim,
         "backbone_runtime": embedder.runtime,

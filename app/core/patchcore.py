@@ -499,7 +499,7 @@ class PatchCoreModel:
         self.reweight_neighbours = int(config.get("reweight_neighbours", 0))
         self.top_k = int(config.get("top_k", 1))
         self.framing = Framing.from_dict(bank.manifest.get("framing"))
-        self.gaussian_sigma = float(config.get("gaussian_sigma", 4.0))
+        self.gaussian_sigma = float(config.get("gaussian_sigma", PatchCoreConfig.gaussian_sigma))
         self.calibration = Calibration.from_dict(bank.calibration)
         # Exact search on the embedder's device (app.core.knn.create_index picks faiss or torch).
         self.index = create_index(bank.features, embedder.device, search_backend, search_precision)

@@ -18,7 +18,7 @@ from app.core.bank import MemoryBank
 from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import PatchCoreError
 from app.core.framing import Framing
-from app.core.patchcore import PatchCoreModel
+from app.core.patchcore import PatchCoreConfig, PatchCoreModel
 from app.service.errors import ProductNotFound, ProductUnavailable, status_and_code
 from app.storage import BankStore
 
@@ -37,7 +37,7 @@ def describe_bank(bank: MemoryBank) -> dict:
         "image_size": embedder.get("image_size"),
         "framing": Framing.from_dict(manifest.get("framing")).to_dict(),
         "false_alarm_rate": calibration.get("false_alarm_rate"),
-        "map_sigma": (manifest.get("config") or {}).get("gaussian_sigma", 4.0),
+        "map_sigma": (manifest.get("config") or {}).get("gaussian_sigma", PatchCoreConfig.gaussian_sigma),
         "bank_size": int(manifest.get("bank_size", len(bank.features))),
         "feature_dim": int(bank.features.shape[1]),
         "threshold": calibration.get("threshold"),
