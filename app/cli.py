@@ -29,12 +29,12 @@ def _models_dir(value: str | None) -> Path:
 
 
 def _map_sigma(text: str) -> float:
-    from app.core.patchcore import MAX_MAP_SIGMA
+    from app.core.patchcore import check_map_sigma
 
-    value = float(text)
-    if not 0.0 <= value <= MAX_MAP_SIGMA:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_MAP_SIGMA:g}")
-    return value
+    try:
+        return check_map_sigma(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:

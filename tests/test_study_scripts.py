@@ -2,6 +2,7 @@
 
 benchmarks/map_study.py re-maps a saved bank's patch scores: its default row must be the
 pixel AUROC that `evaluate_bank` reports for the same bank and images.
+benchmarks/scale_framing_study.py must run end to end, and on square frames its two rules agree.
 """
 
 from __future__ import annotations
@@ -60,3 +61,21 @@ def test_map_study_default_row_is_the_evaluated_pixel_auroc(mini_bottle, tmp_pat
     assert {"sigma 12", "mean of 3 nearest rows", "per image: minus median",
             "defect vs good-image pixels", "defect vs defective-image pixels > 0.2"} <= set(results)
     assert all(0.0 <= value <= 1.0 for key, value in results.items() if not key.startswith("mean map"))
+
+
+@pytest.mark.slow
+def test_scale_framing_study_reduces_to_squeeze_on_square_frames(mini_bottle, tmp_path):
+    """bottle's frames are square and all one size, so keeping the pixel scale is the same resize
+    as squeezing: both rows must agree exactly, and the study must run end to end."""
+    out = tmp_path / "framing.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/scale_framing_study.py", "--data", str(mini_bottle), "--category", "bottle",
+         "--train-every", "2", "--coreset-ratio", "0.25", "--json", str(out)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    squeeze, scale = json.loads(out.read_text())
+    assert (squeeze["mode"], scale["mode"]) == ("squeeze", "scale")
+    assert squeeze["train_images"] == 5 and squeeze["bank"] > 0
+    for key in ("image_auroc", "pixel_auroc", "bank"):
+        assert scale[key] == squeeze[key], key
+    assert 0.0 <= squeeze["image_auroc"] <= 1.0 and 0.0 <= squeeze["pixel_auroc"] <= 1.0

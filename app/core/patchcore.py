@@ -39,6 +39,13 @@ ProgressFn = Callable[[str, float], None]
 MAX_MAP_SIGMA = 32.0
 
 
+def check_map_sigma(sigma: float) -> float:
+    """The map smoothing sigma, or ValueError outside [0, MAX_MAP_SIGMA] (NaN included)."""
+    if not 0.0 <= sigma <= MAX_MAP_SIGMA:
+        raise ValueError(f"must be between 0 and {MAX_MAP_SIGMA:g} px, got {sigma}")
+    return sigma
+
+
 @dataclass(frozen=True)
 class PatchCoreConfig:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
@@ -56,6 +63,20 @@ class PatchCoreConfig:
     threshold_tail_margin: float = 0.25  # threshold >= max held-out + margin * (max - median)
     batch_size: int = 8                 # images per backbone pass while building (peak memory)
     seed: int = 0
+
+    def validate(self) -> None:
+        """ValueError for settings no caller should be able to build a bank with (the CLI and the
+        admin schema check the same bounds first, with their own messages)."""
+        self.embedder.validate()
+        self.framing.validate()
+        try:
+            check_map_sigma(self.gaussian_sigma)
+        except ValueError as exc:
+            raise ValueError(f"gaussian_sigma {exc}") from None
+        if self.top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        if self.reweight_neighbours < 0:
+            raise ValueError("reweight_neighbours must be 0 (off) or positive")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -214,13 +235,13 @@ def build_bank(
     """
     if embedder.config != config.embedder:
         raise BankIncompatible(f"embedder {embedder.config} does not match the config's {config.embedder}")
+    config.validate()
     report = progress or (lambda phase, fraction: None)
     timings: dict[str, float] = {}
     fit_ids, holdout_ids = _split_holdout(len(images), config)
 
     start = time.perf_counter()
     fit_sources = [images[i] for i in fit_ids]
-    config.framing.validate()
     # With a projection for the coreset, only the projected features are kept while
     # selecting (a half or less of the full ones: magnetic_tile's 537k x 256 features
     # are 0.55 GB), and the chosen rows are embedded again afterwards.
@@ -499,7 +520,11 @@ class PatchCoreModel:
         self.reweight_neighbours = int(config.get("reweight_neighbours", 0))
         self.top_k = int(config.get("top_k", 1))
         self.framing = Framing.from_dict(bank.manifest.get("framing"))
-        self.gaussian_sigma = float(config.get("gaussian_sigma", PatchCoreConfig.gaussian_sigma))
+        try:  # a bank file is input like any other: an absurd sigma would stall every predict
+            self.gaussian_sigma = check_map_sigma(float(config.get("gaussian_sigma",
+                                                                   PatchCoreConfig.gaussian_sigma)))
+        except (TypeError, ValueError) as exc:
+            raise BankIncompatible(f"the bank's stored map sigma is unusable: {exc}") from exc
         self.calibration = Calibration.from_dict(bank.calibration)
         # Exact search on the embedder's device (app.core.knn.create_index picks faiss or torch).
         self.index = create_index(bank.features, embedder.device, search_backend, search_precision)

@@ -126,3 +126,28 @@ def test_stored_map_sigma_smooths_the_served_map(bottle_model, bottle, lite0_sma
     assert served.raw_score == pytest.approx(default.raw_score)  # the score is not smoothed
     # Wider smoothing spreads the peak: a lower maximum over the same patch scores.
     assert served.smoothed_map.max() < default.smoothed_map.max()
+
+
+@pytest.mark.parametrize("sigma", [-1.0, 33.0, float("nan"), "wide"])
+def test_unusable_stored_map_sigma_is_refused_at_load(bottle_model, lite0_small, tmp_path, sigma):
+    """A bank file is input: a stored sigma out of range would stall or break every predict."""
+    import copy
+
+    from app.core.bank import MemoryBank
+
+    manifest = copy.deepcopy(bottle_model.bank.manifest)
+    manifest["config"]["gaussian_sigma"] = sigma
+    store = LocalBankStore(tmp_path)
+    store.save("odd", MemoryBank(bottle_model.bank.features, bottle_model.bank.nominal_scores, manifest))
+    with pytest.raises(BankIncompatible, match="map sigma"):
+        PatchCoreModel(store.load("odd")[1], lite0_small)
+
+
+@pytest.mark.parametrize("change", [{"gaussian_sigma": 40.0}, {"gaussian_sigma": -0.5}, {"top_k": 0},
+                                   {"reweight_neighbours": -1}])
+def test_build_bank_refuses_settings_out_of_range(bottle, lite0_small, change):
+    """The engine checks its own settings: callers of build_bank bypass the CLI's and the schema's checks."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match=next(iter(change))):
+        build_bank(bottle["train"][:6], dataclasses.replace(SMALL, **change), lite0_small)
