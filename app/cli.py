@@ -57,6 +57,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="random projection for coreset selection (0: select in the feature space)")
     parser.add_argument("--reweight", type=int, default=0, metavar="B",
                         help="Eq. 7 reweighting with B neighbours (0: off)")
+    parser.add_argument("--patch-size", type=int, default=defaults.embedder.patch_size,
+                        help="neighbourhood each patch feature aggregates, odd (paper: 3)")
     parser.add_argument("--aggregation", default=defaults.embedder.aggregation, choices=list(AGGREGATIONS),
                         help="3x3 neighbourhood: mean, or flatten (official: C x 3 x 3 pooled to --stage-dim)")
     parser.add_argument("--top-k", type=int, default=defaults.top_k,
@@ -106,7 +108,7 @@ def _config_from(args: argparse.Namespace):
     from app.core.patchcore import PatchCoreConfig
 
     embedder = EmbedderConfig(backbone=args.backbone, image_size=args.image_size, stage_dim=args.stage_dim or None,
-                              aggregation=args.aggregation)
+                              patch_size=args.patch_size, aggregation=args.aggregation)
     embedder.validate()
     ratio = 0.1 if args.coreset_ratio is None else args.coreset_ratio
     return PatchCoreConfig(embedder=embedder, coreset_ratio=ratio, coreset_size=args.coreset_size,

@@ -25,7 +25,9 @@ def row(r: dict) -> str:
     alt = r.get("image_auroc_alternatives", {})
     pixel = "n/a" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.4f}"
     train = f"{r['train_images']}" + (f" (every {r['train_every']}th)" if r.get("train_every", 1) > 1 else "")
-    return (f"| {r['category']} | {r['name']} | {framing_text(r['framing'])} {r['image_size']} | {r['aggregation']} "
+    patch = r.get("patch_size", 3)  # runs before the option existed used 3
+    return (f"| {r['category']} | {r['name']} | {framing_text(r['framing'])} {r['image_size']} "
+            f"| {r['aggregation']} {patch}x{patch} "
             f"| {r['feature_dim']} | {r['coreset_ratio']:g} | {train} | {r['image_auroc']:.4f} "
             f"| {alt.get('top10', float('nan')):.4f} | {alt.get('top1pct', float('nan')):.4f} | {pixel} "
             f"| {r['at_threshold']['f1']:.3f} | {r['at_threshold']['false_positive_rate']:.3f} |")

@@ -24,6 +24,8 @@ from app.core.framing import Box
 from app.core.ov_runtime import OpenVINOStages, resolve_precision, resolve_runtime
 
 AGGREGATIONS = ("mean", "flatten")
+# Neighbourhood bound: 9 cells of the stride-8 stage span 72 px of the input (the paper's p = 3: 24 px).
+MAX_PATCH_SIZE = 9
 # PIL first box-averages by int(side / target / gap) when that is 2 or more, then
 # resamples (antialiased bilinear): a 900 px frame to 224 px via a 2x box reduction in
 # 2.2 instead of 3.5 ms, pixels within 0.2 grey levels on average (README, issue 9).
@@ -74,8 +76,8 @@ class EmbedderConfig:
         get_backbone_spec(self.backbone)
         if self.image_size < 32 or self.image_size % 16:
             raise ValueError("image_size must be a multiple of 16 and at least 32")
-        if self.patch_size < 1 or self.patch_size % 2 == 0:
-            raise ValueError("patch_size must be odd and >= 1")
+        if not 1 <= self.patch_size <= MAX_PATCH_SIZE or self.patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be odd, from 1 to {MAX_PATCH_SIZE}")
         if self.stage_dim is not None and self.stage_dim < 1:
             raise ValueError("stage_dim must be positive")
         if self.aggregation not in AGGREGATIONS:

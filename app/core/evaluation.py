@@ -165,6 +165,7 @@ def evaluate_bank(
         "backbone": embedder.config.backbone,
         "image_size": embedder.config.image_size,
         "aggregation": embedder.config.aggregation,
+        "patch_size": embedder.config.patch_size,
         "stage_dim": embedder.config.stage_dim,
         "framing": model.framing.to_dict(),
         "top_k": config.get("top_k", 1),

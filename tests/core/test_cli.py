@@ -108,13 +108,13 @@ def test_eval_takes_the_framing_and_scoring_options(mini_mvtec, tmp_path):
     result = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--image-size", "128",
                   "--coreset-ratio", "0.2", "--roi", "100,100,800,800", "--aggregation", "flatten",
                   "--stage-dim", "64", "--top-k", "3", "--false-alarm-rate", "0.001", "--holdout-fraction", "0.3",
-                  "--map-sigma", "8",
+                  "--map-sigma", "8", "--patch-size", "5",
                   "--json", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(out.read_text())
     assert metrics["framing"] == {"mode": "roi", "fraction": 1.0, "roi": [100, 100, 800, 800]}
     assert metrics["aggregation"] == "flatten" and metrics["feature_dim"] == 128 and metrics["top_k"] == 3
-    assert metrics["map_sigma"] == 8.0
+    assert metrics["map_sigma"] == 8.0 and metrics["patch_size"] == 5
     assert metrics["pixel_auroc"] is not None and metrics["image_auroc"] is not None
     centre = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--image-size", "128",
                   "--coreset-ratio", "0.2", "--centre-crop", "0.875", "--json", str(tmp_path / "c.json"),
@@ -126,3 +126,5 @@ def test_eval_takes_the_framing_and_scoring_options(mini_mvtec, tmp_path):
     assert both.returncode == 2 and "not allowed with" in both.stderr
     blurred = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--map-sigma", "40")
     assert blurred.returncode == 2 and "--map-sigma: must be between 0 and 32" in blurred.stderr
+    even = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--patch-size", "4")
+    assert even.returncode == 2 and "patch_size must be odd" in even.stderr
