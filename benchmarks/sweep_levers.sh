@@ -25,3 +25,12 @@ run bottle flatten256 "${flat[@]}"
 run magnetic_tile e4_base --train-every 4 "${mean[@]}"
 run magnetic_tile e4_flatten256 --train-every 4 "${flat[@]}"
 run magnetic_tile flatten256 "${flat[@]}"
+# All three, full sets at 10%: the width of the flattened neighbourhood (64 values per stage is
+# the default), Eq. 7, a larger input (at 128 values, the default then) and a 5x5 neighbourhood.
+for category in transistor bottle magnetic_tile; do
+  run "$category" flatten128 --aggregation flatten --stage-dim 128
+  run "$category" flatten64 --aggregation flatten --stage-dim 64
+  run "$category" flatten64_reweight3 --aggregation flatten --stage-dim 64 --reweight 3
+  run "$category" size320 --aggregation flatten --stage-dim 128 --image-size 320
+  run "$category" flatten64_patch5 --aggregation flatten --stage-dim 64 --patch-size 5
+done

@@ -87,15 +87,17 @@ class BuildParams:
     framing: Framing | None = None
     false_alarm_rate: float | None = None
     map_sigma: float | None = None
+    patch_size: int | None = None
 
     def config(self) -> PatchCoreConfig:
         """The full build's config (an append build's comes from its base bank)."""
         defaults = PatchCoreConfig()
         embedder = defaults.embedder
-        if self.backbone is not None or self.image_size is not None:
+        if self.backbone is not None or self.image_size is not None or self.patch_size is not None:
             embedder = EmbedderConfig(**{**embedder.to_dict(),
                                          "backbone": self.backbone or embedder.backbone,
-                                         "image_size": self.image_size or embedder.image_size})
+                                         "image_size": self.image_size or embedder.image_size,
+                                         "patch_size": self.patch_size or embedder.patch_size})
             embedder.validate()
         changes: dict[str, Any] = {"embedder": embedder}
         if self.framing is not None:

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from app.core.embedding import MAX_PATCH_SIZE
 from app.core.framing import Framing
 from app.core.patchcore import MAX_MAP_SIGMA
 
@@ -79,6 +80,8 @@ class ProductInfo(BaseModel):
                                 "no version could be loaded)")
     backbone: str | None = None
     image_size: int | None = None
+    patch_size: int | None = Field(default=None, description="neighbourhood each patch feature aggregates "
+                                   "(paper: 3; a build option of the CLI)")
     framing: FramingInfo | None = Field(default=None, description="which part of each photo the bank sees")
     false_alarm_rate: float | None = Field(default=None, description="the threshold's false-alarm budget")
     map_sigma: float | None = Field(default=None, description="anomaly-map smoothing (Gaussian sigma, "
@@ -149,10 +152,15 @@ class BuildRequest(BaseModel):
     map_sigma: float | None = Field(default=None, ge=0.0, le=MAX_MAP_SIGMA,
                                     description="anomaly-map smoothing, Gaussian sigma in network-input "
                                     "pixels (default 4, the paper's; larger suits large, low-contrast defects)")
+    patch_size: int | None = Field(
+        default=None, ge=1, le=MAX_PATCH_SIZE, description="neighbourhood each patch feature aggregates, "
+        "odd (default 3, the paper's; 5 suited transistor-like parts, README)")
 
     @model_validator(mode="after")
     def _framing_is_valid(self) -> BuildRequest:
         self.framing()  # raises ValueError -> 422 with the reason
+        if self.patch_size is not None and self.patch_size % 2 == 0:
+            raise ValueError("patch_size must be odd")
         return self
 
     def framing(self) -> Framing | None:

@@ -54,6 +54,24 @@ def test_build_then_predict_with_heatmaps(mini_mvtec, tmp_path):
         assert heatmap.size == (900, 900)
 
 
+def test_patch_size_is_a_build_option_kept_by_the_bank(mini_mvtec, tmp_path):
+    """A 5x5-neighbourhood bank: stored, listed as such, and served by an embedder that matches it."""
+    from app.service.registry import describe_bank
+    from app.storage import LocalBankStore
+
+    models = tmp_path / "models"
+    built = _run("build", "--product", "wide", "--images", str(mini_mvtec / "bottle" / "train" / "good"),
+                 "--models-dir", str(models), "--image-size", "128", "--coreset-ratio", "0.2", "--patch-size", "5",
+                 "--device", "cpu")
+    assert built.returncode == 0, built.stderr
+    bank = LocalBankStore(models).load("wide")[1]
+    assert bank.embedder["patch_size"] == 5 and describe_bank(bank)["patch_size"] == 5
+    image = sorted((mini_mvtec / "bottle" / "test" / "broken_large").glob("*.png"))[0]
+    predicted = _run("predict", "--product", "wide", str(image), "--models-dir", str(models), "--device", "cpu")
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)["is_anomalous"]
+
+
 def test_append_build_is_a_new_version_descending_from_the_active_one(mini_mvtec, tmp_path):
     models = tmp_path / "models"
     common = ("--models-dir", str(models), "--device", "cpu")

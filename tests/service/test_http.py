@@ -253,7 +253,8 @@ def test_openapi_documents_every_endpoint(http):
 
 
 def test_framing_through_the_admin_api(http, bottle_train, bottle_defect):
-    """A product's framing, false-alarm budget and map smoothing: set at build, listed, applied at predict."""
+    """A product's framing, false-alarm budget, map smoothing and neighbourhood: set at build, listed,
+    applied at predict."""
     refused = http.post("/v1/admin/products/framed/builds", headers=ADMIN,
                         json={"roi": [500, 100, 400, 800]})
     assert refused.status_code == 422, refused.text
@@ -264,7 +265,7 @@ def test_framing_through_the_admin_api(http, bottle_train, bottle_defect):
     roi = [250, 200, 650, 700]
     started = http.post("/v1/admin/products/framed/builds", headers=ADMIN,
                         json={"roi": roi, "image_size": 128, "coreset_ratio": 0.1, "false_alarm_rate": 0.001,
-                              "map_sigma": 8.0})
+                              "map_sigma": 8.0, "patch_size": 5})
     assert started.status_code == 202, started.text
     assert started.json()["params"]["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi}
     job = wait_job(http, started.json()["id"])
@@ -272,6 +273,7 @@ def test_framing_through_the_admin_api(http, bottle_train, bottle_defect):
     listed = http.get("/v1/products/framed").json()
     assert listed["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi}
     assert listed["image_size"] == 128 and listed["false_alarm_rate"] == 0.001 and listed["map_sigma"] == 8.0
+    assert listed["patch_size"] == 5
     response = predict(http, "framed", bottle_defect[0], heatmap="png", regions="true")
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]
