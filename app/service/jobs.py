@@ -74,6 +74,10 @@ def build_error(exc: BaseException) -> dict[str, str]:
     return {"code": code, "message": message}
 
 
+# BuildParams fields only a full build can set (BuildParams.append_overrides has the others).
+_KEPT_BY_APPEND = ("backbone", "image_size", "patch_size", "framing", "false_alarm_rate", "map_sigma")
+
+
 @dataclass(frozen=True)
 class BuildParams:
     coreset_ratio: float | None = None
@@ -240,8 +244,12 @@ class JobRunner:
         return job
 
     def _resolve_base(self, product: str, params: BuildParams) -> BuildParams:
-        if params.backbone is not None:
-            raise InvalidBuildRequest("an append build keeps its base bank's backbone; leave backbone out")
+        # What the base bank's features and threshold were made with: an append cannot change
+        # it, and ignoring the request silently would serve something other than was asked.
+        kept = [name for name in _KEPT_BY_APPEND if getattr(params, name) is not None]
+        if kept:
+            raise InvalidBuildRequest(f"an append build keeps its base bank's {', '.join(kept)}; "
+                                      f"leave {'it' if len(kept) == 1 else 'them'} out")
         versions = self.catalog.versions(product) if product in self.catalog.store.products() else []
         if not versions:
             raise ProductNotFound(f"no bank to append to: {product!r} has no stored version")

@@ -81,7 +81,7 @@ class ProductInfo(BaseModel):
     backbone: str | None = None
     image_size: int | None = None
     patch_size: int | None = Field(default=None, description="neighbourhood each patch feature aggregates "
-                                   "(paper: 3; a build option of the CLI)")
+                                   "(paper: 3; a build option)")
     framing: FramingInfo | None = Field(default=None, description="which part of each photo the bank sees")
     false_alarm_rate: float | None = Field(default=None, description="the threshold's false-alarm budget")
     map_sigma: float | None = Field(default=None, description="anomaly-map smoothing (Gaussian sigma, "
@@ -157,7 +157,7 @@ class BuildRequest(BaseModel):
         "odd (default 3, the paper's; 5 suited transistor-like parts, README)")
 
     @model_validator(mode="after")
-    def _framing_is_valid(self) -> BuildRequest:
+    def _options_are_valid(self) -> BuildRequest:
         self.framing()  # raises ValueError -> 422 with the reason
         if self.patch_size is not None and self.patch_size % 2 == 0:
             raise ValueError("patch_size must be odd")
