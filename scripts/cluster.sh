@@ -113,7 +113,8 @@ EOF
     echo "AWS_SECRET_ACCESS_KEY=$secret" >> "$STATE"
     # `weed server`, not `weed mini`: mini's volume server turns read-only below 1% of the disk
     # free (gigabytes on a big shared disk) with no flag to change it; a stand needs megabytes.
-    run_in setsid "$BIN/weed" server -dir="$DIR/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -filer -s3 \
+    # -logtostderr: into weed.log, not glog files in /tmp.
+    run_in setsid "$BIN/weed" -logtostderr server -dir="$DIR/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -filer -s3 \
       -master.telemetry=false -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 \
       -master.volumeSizeLimitMB=128 -volume.minFreeSpace=256MiB \
       -filer.localSocket="$DIR/filer.sock" -s3.localSocket="$DIR/s3.sock" \

@@ -164,7 +164,8 @@ def running_seaweed() -> Iterator[Seaweed]:
     names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     access_key, secret_key = "test" + secrets.token_hex(8), secrets.token_hex(20)
-    command = [binary, "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    # -logtostderr: glog's files would otherwise pile up in /tmp; its output goes to weed.log here.
+    command = [binary, "-logtostderr", "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-filer", "-s3", "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0",
                "-s3.port.lance=0", "-master.volumeSizeLimitMB=128", f"-volume.minFreeSpace={MIN_FREE_SPACE}",
                f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}",
