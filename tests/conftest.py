@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_report_header() -> str:
+    """Free disk first in the log: the real servers the tests start (S3, Ray) fail on a full one."""
+    parts = []
+    for label, path in (("temp", tempfile.gettempdir()), ("checkout", str(REPO_ROOT))):
+        usage = shutil.disk_usage(path)
+        parts.append(f"{label} {path}: {usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.0f} GiB")
+    return "disk: " + "; ".join(parts)
 
 
 @pytest.fixture(scope="session")
