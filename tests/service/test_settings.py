@@ -39,6 +39,7 @@ def test_get_settings_is_cached_and_lazy(monkeypatch):
     {"PATCHCORE_DEV_OPEN_ADMIN": "true"},
     {"PATCHCORE_DEVICE": "tpu"},
     {"PATCHCORE_MAX_BATCH_SIZE": "0"},
+    {"PATCHCORE_LOG_LEVEL": "verbose"},
 ])
 def test_refuses_unsafe_or_invalid_settings(monkeypatch, env):
     for key, value in env.items():
@@ -51,3 +52,10 @@ def test_open_admin_only_in_development(monkeypatch):
     monkeypatch.setenv("PATCHCORE_DEV_OPEN_ADMIN", "true")
     monkeypatch.setenv("PATCHCORE_ENVIRONMENT", "development")
     assert Settings().admin_open
+
+
+@pytest.mark.parametrize("written", ["warning", "Warning", "WARNING"])
+def test_log_level_in_any_case(monkeypatch, written):
+    """uvicorn's own flag is lowercase: the same word must not stop the service from starting."""
+    monkeypatch.setenv("PATCHCORE_LOG_LEVEL", written)
+    assert Settings().log_level == "WARNING"
