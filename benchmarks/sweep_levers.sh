@@ -30,6 +30,7 @@ run magnetic_tile flatten256 "${flat[@]}"
 for category in transistor bottle magnetic_tile; do
   run "$category" flatten128 --aggregation flatten --stage-dim 128
   run "$category" flatten64 --aggregation flatten --stage-dim 64
+  run "$category" flatten32 --aggregation flatten --stage-dim 32
   run "$category" flatten64_reweight3 --aggregation flatten --stage-dim 64 --reweight 3
   run "$category" size320 --aggregation flatten --stage-dim 128 --image-size 320
   run "$category" flatten64_patch5 --aggregation flatten --stage-dim 64 --patch-size 5

@@ -75,7 +75,8 @@ def build_error(exc: BaseException) -> dict[str, str]:
 
 
 # BuildParams fields only a full build can set (BuildParams.append_overrides has the others).
-_KEPT_BY_APPEND = ("backbone", "image_size", "patch_size", "framing", "false_alarm_rate", "map_sigma")
+_KEPT_BY_APPEND = ("backbone", "image_size", "patch_size", "stage_dim", "framing", "false_alarm_rate",
+                   "map_sigma")
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,18 @@ class BuildParams:
     false_alarm_rate: float | None = None
     map_sigma: float | None = None
     patch_size: int | None = None
+    stage_dim: int | None = None
 
     def config(self) -> PatchCoreConfig:
         """The full build's config (an append build's comes from its base bank)."""
         defaults = PatchCoreConfig()
         embedder = defaults.embedder
-        if self.backbone is not None or self.image_size is not None or self.patch_size is not None:
+        if any(v is not None for v in (self.backbone, self.image_size, self.patch_size, self.stage_dim)):
             embedder = EmbedderConfig(**{**embedder.to_dict(),
                                          "backbone": self.backbone or embedder.backbone,
                                          "image_size": self.image_size or embedder.image_size,
-                                         "patch_size": self.patch_size or embedder.patch_size})
+                                         "patch_size": self.patch_size or embedder.patch_size,
+                                         "stage_dim": self.stage_dim or embedder.stage_dim})
             embedder.validate()
         changes: dict[str, Any] = {"embedder": embedder}
         if self.framing is not None:

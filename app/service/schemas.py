@@ -155,6 +155,9 @@ class BuildRequest(BaseModel):
     patch_size: int | None = Field(
         default=None, ge=1, le=MAX_PATCH_SIZE, description="neighbourhood each patch feature aggregates, "
         "odd (default 3, the paper's; 5 suited transistor-like parts, README)")
+    stage_dim: int | None = Field(
+        default=None, ge=8, le=1024, description="values kept per backbone stage (default 64; 32 halves "
+        "the search's arithmetic at a small cost on textures, README)")
 
     @model_validator(mode="after")
     def _options_are_valid(self) -> BuildRequest:

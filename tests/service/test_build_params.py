@@ -12,7 +12,7 @@ from app.service.schemas import BuildRequest
 
 def test_build_params_with_framing_round_trip_through_json():
     params = BuildParams(coreset_ratio=0.05, seed=3, image_size=320, framing=Framing(mode="roi", roi=(1, 2, 300, 400)),
-                         false_alarm_rate=0.001, map_sigma=8.0, patch_size=5)
+                         false_alarm_rate=0.001, map_sigma=8.0, patch_size=5, stage_dim=32)
     record = json.loads(json.dumps(params.describe()))
     assert record["framing"] == {"mode": "roi", "fraction": 1.0, "roi": [1, 2, 300, 400]}
     again = BuildParams.from_dict(record)
@@ -22,6 +22,7 @@ def test_build_params_with_framing_round_trip_through_json():
     assert config.embedder.image_size == 320 and config.false_alarm_rate == 0.001
     assert config.gaussian_sigma == 8.0 and BuildParams().config().gaussian_sigma == 4.0
     assert config.embedder.patch_size == 5 and BuildParams().config().embedder.patch_size == 3
+    assert config.embedder.stage_dim == 32 and BuildParams().config().embedder.stage_dim == 64
     assert BuildParams.from_dict({"coreset_ratio": 0.1, "unknown": 1}).config().framing == Framing()
 
 
@@ -30,6 +31,6 @@ def test_build_request_framing_is_validated():
     assert BuildRequest().framing() is None
     for bad in ({"roi": [5, 5, 1, 9]}, {"roi": [0, 0, 9, 9], "centre_crop": 0.5}, {"image_size": 100},
                 {"false_alarm_rate": 0.0}, {"roi": [1, 2, 3]}, {"map_sigma": -1.0}, {"map_sigma": 33.0},
-                {"patch_size": 4}, {"patch_size": 11}, {"patch_size": 0}):
+                {"patch_size": 4}, {"patch_size": 11}, {"patch_size": 0}, {"stage_dim": 0}, {"stage_dim": 4096}):
         with pytest.raises(ValidationError):
             BuildRequest(**bad)
