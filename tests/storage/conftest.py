@@ -9,9 +9,10 @@ test gets its own key prefix in the one bucket.
 
 `weed server`, not `weed mini`: mini keeps the volume server's default floor of 1%
 of the disk free and offers no flag to change it. On a large shared disk that is
-gigabytes, and below it every PUT answers InternalError (seen in CI when a fresh
-7 GB venv filled the disk to 99%). These tests write a few MB, so the floor here
-is an absolute MIN_FREE_SPACE.
+gigabytes, and below it every PUT answers InternalError: reproduced on a tmpfs filled
+to 99%, and the likely cause of a CI run whose fresh 7 GB venv went onto a shared disk
+with about 9.5 GB free. These tests write a few MB, so the floor here is an absolute
+MIN_FREE_SPACE.
 """
 
 from __future__ import annotations
