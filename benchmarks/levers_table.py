@@ -25,9 +25,10 @@ def row(r: dict) -> str:
     alt = r.get("image_auroc_alternatives", {})
     pixel = "n/a" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.4f}"
     train = f"{r['train_images']}" + (f" (every {r['train_every']}th)" if r.get("train_every", 1) > 1 else "")
-    patch = r.get("patch_size", 3)  # runs before the option existed used 3
+    patch = r.get("patch_size", 3)  # runs before these options existed used 3 and sigma 4
+    sigma = r.get("map_sigma") or 4.0
     return (f"| {r['category']} | {r['name']} | {framing_text(r['framing'])} {r['image_size']} "
-            f"| {r['aggregation']} {patch}x{patch} "
+            f"| {r['aggregation']} {patch}x{patch} | {sigma:g} "
             f"| {r['feature_dim']} | {r['coreset_ratio']:g} | {train} | {r['image_auroc']:.4f} "
             f"| {alt.get('top10', float('nan')):.4f} | {alt.get('top1pct', float('nan')):.4f} | {pixel} "
             f"| {r['at_threshold']['f1']:.3f} | {r['at_threshold']['false_positive_rate']:.3f} |")
@@ -39,9 +40,9 @@ def main() -> int:
     args = parser.parse_args()
     results = [json.loads(Path(p).read_text()) for p in args.results]
     results.sort(key=lambda r: (r["category"], r["name"]))
-    print("| category | run | framing, size | neighbourhood | dims | coreset | train images | image AUROC (max) "
-          "| top-10 mean | top-1% mean | pixel AUROC | F1 @ thr | false alarms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| category | run | framing, size | neighbourhood | map sigma | dims | coreset | train images "
+          "| image AUROC (max) | top-10 mean | top-1% mean | pixel AUROC | F1 @ thr | false alarms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(row(r))
     return 0
