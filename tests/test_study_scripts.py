@@ -76,6 +76,7 @@ def test_scale_framing_study_reduces_to_squeeze_on_square_frames(mini_bottle, tm
     squeeze, scale = json.loads(out.read_text())
     assert (squeeze["mode"], scale["mode"]) == ("squeeze", "scale")
     assert squeeze["train_images"] == 5 and squeeze["bank"] > 0
-    for key in ("image_auroc", "pixel_auroc", "bank"):
-        assert scale[key] == squeeze[key], key
+    assert scale["bank"] == squeeze["bank"]
+    for key in ("image_auroc", "pixel_auroc"):  # the same resize: equal up to BLAS summation order
+        assert scale[key] == pytest.approx(squeeze[key], abs=1e-6), key
     assert 0.0 <= squeeze["image_auroc"] <= 1.0 and 0.0 <= squeeze["pixel_auroc"] <= 1.0
