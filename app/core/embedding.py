@@ -26,11 +26,19 @@ from app.core.ov_runtime import OpenVINOStages, resolve_precision, resolve_runti
 AGGREGATIONS = ("mean", "flatten")
 # Neighbourhood bound: 9 cells of the stride-8 stage span 72 px of the input (the paper's p = 3: 24 px).
 MAX_PATCH_SIZE = 9
+
 # PIL first box-averages by int(side / target / gap) when that is 2 or more, then
 # resamples (antialiased bilinear): a 900 px frame to 224 px via a 2x box reduction in
 # 2.2 instead of 3.5 ms, pixels within 0.2 grey levels on average (README, issue 9).
 # Frames under 4 x the target per side (factor 1) are resampled directly, as before.
 RESIZE_REDUCING_GAP = 2.0
+
+
+def check_patch_size(patch_size: int) -> int:
+    """The neighbourhood size, or ValueError unless odd and within [1, MAX_PATCH_SIZE]."""
+    if not 1 <= patch_size <= MAX_PATCH_SIZE or patch_size % 2 == 0:
+        raise ValueError(f"patch_size must be odd, from 1 to {MAX_PATCH_SIZE}")
+    return patch_size
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,7 @@ class EmbedderConfig:
         get_backbone_spec(self.backbone)
         if self.image_size < 32 or self.image_size % 16:
             raise ValueError("image_size must be a multiple of 16 and at least 32")
-        if not 1 <= self.patch_size <= MAX_PATCH_SIZE or self.patch_size % 2 == 0:
-            raise ValueError(f"patch_size must be odd, from 1 to {MAX_PATCH_SIZE}")
+        check_patch_size(self.patch_size)
         if self.stage_dim is not None and self.stage_dim < 1:
             raise ValueError("stage_dim must be positive")
         if self.aggregation not in AGGREGATIONS:

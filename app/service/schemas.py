@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from app.core.embedding import MAX_PATCH_SIZE
+from app.core.embedding import MAX_PATCH_SIZE, check_patch_size
 from app.core.framing import Framing
 from app.core.patchcore import MAX_MAP_SIGMA
 
@@ -162,8 +162,8 @@ class BuildRequest(BaseModel):
     @model_validator(mode="after")
     def _options_are_valid(self) -> BuildRequest:
         self.framing()  # raises ValueError -> 422 with the reason
-        if self.patch_size is not None and self.patch_size % 2 == 0:
-            raise ValueError("patch_size must be odd")
+        if self.patch_size is not None:
+            check_patch_size(self.patch_size)  # the engine's rule, answered here as a 422
         return self
 
     def framing(self) -> Framing | None:
