@@ -26,7 +26,7 @@ def row(r: dict) -> str:
     pixel = "n/a" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.4f}"
     train = f"{r['train_images']}" + (f" (every {r['train_every']}th)" if r.get("train_every", 1) > 1 else "")
     patch = r.get("patch_size", 3)  # runs before these options existed used 3 and sigma 4
-    sigma = r.get("map_sigma") or 4.0
+    sigma = r.get("map_sigma", 4.0)  # absent in runs before the option; 0 is a valid setting
     return (f"| {r['category']} | {r['name']} | {framing_text(r['framing'])} {r['image_size']} "
             f"| {r['aggregation']} {patch}x{patch} | {sigma:g} "
             f"| {r['feature_dim']} | {r['coreset_ratio']:g} | {train} | {r['image_auroc']:.4f} "
