@@ -31,6 +31,24 @@ def shared_data() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def mini_mvtec(shared_data, tmp_path_factory) -> Path:
+    """A tiny MVTec-layout root of symlinks into the real bottle set (nothing copied): 10
+    training, 3 good and 3 broken_large test images with their masks."""
+    root = tmp_path_factory.mktemp("mvtec")
+    src = shared_data / "bottle"
+    picks = {"train/good": 10, "test/good": 3, "test/broken_large": 3}
+    for sub, count in picks.items():
+        (root / "bottle" / sub).mkdir(parents=True)
+        for path in sorted((src / sub).glob("*.png"))[:count]:
+            (root / "bottle" / sub / path.name).symlink_to(path)
+            mask = src / "ground_truth" / "broken_large" / f"{path.stem}_mask.png"
+            if sub == "test/broken_large":
+                (root / "bottle" / "ground_truth" / "broken_large").mkdir(parents=True, exist_ok=True)
+                (root / "bottle" / "ground_truth" / "broken_large" / mask.name).symlink_to(mask)
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _backbone_cache(tmp_path_factory) -> None:
     """OpenVINO exports go to one cache per checkout (.pytest_cache, ignored by git), not ~/.cache."""

@@ -17,35 +17,17 @@ import pytest
 
 from app.core.embedding import EmbedderConfig, create_embedder
 from app.core.evaluation import evaluate_bank, read_category
-from app.core.images import list_images
 from app.core.patchcore import PatchCoreConfig, build_bank
 from app.storage import LocalBankStore
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def mini_bottle(shared_data, tmp_path_factory):
-    """bottle with 10 training, 2 good and 3 broken_large test images (symlinks, nothing copied)."""
-    root = tmp_path_factory.mktemp("mini")
-    src = shared_data / "bottle"
-    for sub, count in {"train/good": 10, "test/good": 2, "test/broken_large": 3}.items():
-        (root / "bottle" / sub).mkdir(parents=True)
-        for path in list_images(src / sub)[:count]:
-            (root / "bottle" / sub / path.name).symlink_to(path)
-            if sub == "test/broken_large":
-                masks = root / "bottle" / "ground_truth" / "broken_large"
-                masks.mkdir(parents=True, exist_ok=True)
-                (masks / f"{path.stem}_mask.png").symlink_to(src / "ground_truth" / "broken_large"
-                                                             / f"{path.stem}_mask.png")
-    return root
-
-
 @pytest.mark.slow
-def test_map_study_default_row_is_the_evaluated_pixel_auroc(mini_bottle, tmp_path):
+def test_map_study_default_row_is_the_evaluated_pixel_auroc(mini_mvtec, tmp_path):
     config = PatchCoreConfig(embedder=EmbedderConfig(image_size=128), coreset_ratio=0.25)
     embedder = create_embedder(config.embedder, device="cpu")
-    category = read_category(mini_bottle, "bottle")
+    category = read_category(mini_mvtec, "bottle")
     bank = build_bank(category.train, config, embedder)
     LocalBankStore(tmp_path / "models").save("bottle", bank)
     expected = evaluate_bank(bank, category, embedder)["pixel_auroc"]
@@ -53,7 +35,7 @@ def test_map_study_default_row_is_the_evaluated_pixel_auroc(mini_bottle, tmp_pat
     out = tmp_path / "study.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/map_study.py", "--bank", str(tmp_path / "models" / "bottle"),
-         "--data", str(mini_bottle), "--category", "bottle", "--json", str(out)],
+         "--data", str(mini_mvtec), "--category", "bottle", "--json", str(out)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
@@ -64,12 +46,12 @@ def test_map_study_default_row_is_the_evaluated_pixel_auroc(mini_bottle, tmp_pat
 
 
 @pytest.mark.slow
-def test_scale_framing_study_reduces_to_squeeze_on_square_frames(mini_bottle, tmp_path):
+def test_scale_framing_study_reduces_to_squeeze_on_square_frames(mini_mvtec, tmp_path):
     """bottle's frames are square and all one size, so keeping the pixel scale is the same resize
     as squeezing: both rows must agree exactly, and the study must run end to end."""
     out = tmp_path / "framing.json"
     result = subprocess.run(
-        [sys.executable, "benchmarks/scale_framing_study.py", "--data", str(mini_bottle), "--category", "bottle",
+        [sys.executable, "benchmarks/scale_framing_study.py", "--data", str(mini_mvtec), "--category", "bottle",
          "--train-every", "2", "--coreset-ratio", "0.25", "--json", str(out)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

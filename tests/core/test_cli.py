@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -16,23 +15,6 @@ def _run(*args, cwd=REPO):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def mini_mvtec(shared_data, tmp_path_factory):
-    """A tiny MVTec-layout root of symlinks into ../shared/data (nothing copied)."""
-    root = tmp_path_factory.mktemp("mvtec")
-    src = shared_data / "bottle"
-    picks = {"train/good": 10, "test/good": 3, "test/broken_large": 3}
-    for sub, count in picks.items():
-        (root / "bottle" / sub).mkdir(parents=True)
-        for path in sorted((src / sub).glob("*.png"))[:count]:
-            (root / "bottle" / sub / path.name).symlink_to(path)
-            mask = src / "ground_truth" / "broken_large" / f"{path.stem}_mask.png"
-            if sub == "test/broken_large":
-                (root / "bottle" / "ground_truth" / "broken_large").mkdir(parents=True, exist_ok=True)
-                (root / "bottle" / "ground_truth" / "broken_large" / mask.name).symlink_to(mask)
-    return root
 
 
 def test_build_then_predict_with_heatmaps(mini_mvtec, tmp_path):
