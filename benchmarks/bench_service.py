@@ -85,23 +85,29 @@ def child_env(device: str) -> dict[str, str]:
 SERVICE_CHILD = """
 import json, os, sys, pathlib
 import app, torch
+if os.environ.get("BENCH_SWITCH_INTERVAL_MS"):  # a diagnostic: the GIL's hand-over interval
+    sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL_MS"]) / 1000)
 pathlib.Path(sys.argv[1]).write_text(json.dumps({{
     "torch_threads": torch.get_num_threads(),
     "torch_interop_threads": torch.get_num_interop_threads(),
-    "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}}))
+    "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+    "switch_interval_ms": sys.getswitchinterval() * 1000}}))
 from app.service.api import serve
 serve("127.0.0.1", {port})
 """
 
 
 def start_service(models: Path, device: str, batch: int, wait_ms: float, queue: int,
-                  info: Path, decode_threads: int | None = None) -> tuple[subprocess.Popen, str]:
+                  info: Path, decode_threads: int | None = None,
+                  switch_interval_ms: float | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**child_env(device), "PATCHCORE_MODELS_DIR": str(models),
            "PATCHCORE_MAX_BATCH_SIZE": str(batch), "PATCHCORE_MAX_WAIT_MS": str(wait_ms),
            "PATCHCORE_QUEUE_SIZE": str(queue)}
     if decode_threads:
         env["PATCHCORE_DECODE_THREADS"] = str(decode_threads)
+    if switch_interval_ms:
+        env["BENCH_SWITCH_INTERVAL_MS"] = str(switch_interval_ms)
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 -- a pipe nobody reads could fill and stall the server
     process = subprocess.Popen(
         [sys.executable, "-c", SERVICE_CHILD.format(port=port), str(info)],
@@ -130,8 +136,8 @@ def encode_body(path: Path, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def gpu_memory_mb(pid: int) -> float | None:
-    """GPU memory the service process holds (nvidia-smi), None without a GPU."""
+def gpu_memory_mb(pids: list[int]) -> float | None:
+    """GPU memory the service processes hold together (nvidia-smi), None without a GPU."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
@@ -140,11 +146,10 @@ def gpu_memory_mb(pid: int) -> float | None:
                               timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    for line in text.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0] == str(pid):
-            return float(parts[1])
-    return None
+    held = [float(parts[1]) for parts in (
+        [p.strip() for p in line.split(",")] for line in text.splitlines())
+        if len(parts) == 2 and parts[0] in {str(pid) for pid in pids}]
+    return sum(held) if held else None
 
 
 async def _requests(url: str, images: list[bytes], concurrency: int, total: int,
@@ -194,29 +199,31 @@ def _client_process(args: tuple) -> dict:
     return asyncio.run(_requests(*args))
 
 
-def server_seconds(url: str) -> tuple[float, float]:
-    """(sum of seconds, count) of predict requests as the service itself timed them
-    (its request-duration histogram in /metrics: from the first byte in to the last out)."""
+def server_seconds(urls: list[str]) -> tuple[float, float]:
+    """(sum of seconds, count) of predict requests as the services themselves timed them
+    (their request-duration histograms in /metrics: from the first byte in to the last out)."""
     total = count = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if "predict" not in line:
-            continue
-        if line.startswith("patchcore_http_request_duration_seconds_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("patchcore_http_request_duration_seconds_count"):
-            count += float(line.rsplit(" ", 1)[1])
+    for url in urls:
+        for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+            if "predict" not in line:
+                continue
+            if line.startswith("patchcore_http_request_duration_seconds_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("patchcore_http_request_duration_seconds_count"):
+                count += float(line.rsplit(" ", 1)[1])
     return total, count
 
 
-def load(url: str, images: list[bytes], concurrency: int, total: int, max_seconds: float,
+def load(urls: list[str], images: list[bytes], concurrency: int, total: int, max_seconds: float,
          content_type: str = "image/png", clients: int = 1, start_delay_s: float = 10.0) -> dict:
     """`total` requests from `concurrency` connections spread over `clients` processes,
     stopping early after `max_seconds`. One Python client tops out near a thousand
-    requests/s; a GPU server needs several to be the bottleneck itself."""
+    requests/s; a GPU server needs several to be the bottleneck itself. With several
+    service processes (`urls`), client process i sends to urls[i % len(urls)]."""
     clients = max(1, min(clients, concurrency))
     # Processes take a while to start (imports, warm-up): they begin measuring together.
     start_at = time.time() + start_delay_s if clients > 1 else None
-    shares = [(url, images, concurrency // clients + (i < concurrency % clients),
+    shares = [(urls[i % len(urls)], images, concurrency // clients + (i < concurrency % clients),
                total // clients + (i < total % clients), max_seconds, content_type, start_at)
               for i in range(clients)]
     if clients == 1:
@@ -357,6 +364,14 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--device", default=os.environ.get("PATCHCORE_DEVICE", "auto"))
+    parser.add_argument("--batching", choices=["on", "off"], nargs="+", default=["on", "off"],
+                        help="run the levels with micro-batching on, off, or both (default)")
+    parser.add_argument("--server-processes", type=int, default=1,
+                        help="service processes sharing the device, each on its own port")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="sys.setswitchinterval in the service processes (default Python's 5 ms)")
+    parser.add_argument("--no-engine", action="store_true",
+                        help="skip timing the bare engine (no overhead columns)")
     parser.add_argument("--quick", action="store_true",
                         help="a few requests and engine rounds: checks the script, not the numbers")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -389,29 +404,41 @@ def main() -> None:
               f"built in {time.perf_counter() - started:.1f} s", flush=True)
         LocalBankStore(models).save(PRODUCT, bank, activate=True)
         bank_size = len(bank.features)
+        device = str(embedder.device)  # "auto" resolved, for the header
         del bank, embedder
 
         rows = []
         service_info: dict = {}
-        for mode, batch, wait in (("on", args.max_batch_size, args.max_wait_ms), ("off", 1, 0.0)):
-            info = tmp / f"service-{mode}.json"
-            process, url = start_service(models, args.device, batch, wait,
-                                         queue=max(256, 2 * max(args.concurrency)), info=info,
-                                         decode_threads=args.decode_threads)
+        modes = {"on": (args.max_batch_size, args.max_wait_ms), "off": (1, 0.0)}
+        for mode in args.batching:
+            batch, wait = modes[mode]
+            # Several processes: each one its own event loop, decode pool, batch worker
+            # and CUDA context, sharing the device (as Ray Serve replicas with
+            # num_gpus < 1 would); each client process talks to one of them.
+            services = []
             try:
-                service_info = json.loads(info.read_text())
+                for number in range(args.server_processes):
+                    info = tmp / f"service-{mode}-{number}.json"
+                    services.append(start_service(
+                        models, args.device, batch, wait,
+                        queue=max(256, 2 * max(args.concurrency)), info=info,
+                        decode_threads=args.decode_threads,
+                        switch_interval_ms=args.switch_interval_ms))
+                    service_info = json.loads(info.read_text())
+                urls = [url for _, url in services]
                 for concurrency in args.concurrency:
-                    before = server_seconds(url)
-                    row = load(url, images, concurrency, requests, max_seconds,
+                    before = server_seconds(urls)
+                    row = load(urls, images, concurrency, requests, max_seconds,
                                content_type=f"image/{args.image_format}", clients=args.clients,
                                start_delay_s=args.client_start_delay)
-                    after = server_seconds(url)
+                    after = server_seconds(urls)
                     # Mean time inside the service per request (the level's warm-up included):
                     # what the client waits beyond it is the client's own share of the machine.
                     served = after[1] - before[1]
                     row["server_mean_ms"] = (after[0] - before[0]) / served * 1000 if served else None
                     row["batching"] = mode
-                    row["gpu_memory_mb"] = gpu_memory_mb(process.pid)
+                    row["server_processes"] = len(services)
+                    row["gpu_memory_mb"] = gpu_memory_mb([process.pid for process, _ in services])
                     rows.append(row)
                     print(f"batching {mode:3} c={concurrency:2}: {row['throughput_rps']:.2f} req/s"
                           f" p50 {row['p50_ms']:.0f} ms, mean batch {row['mean_batch']:.1f}, "
@@ -423,63 +450,78 @@ def main() -> None:
                           + (f", {row['failures']} FAILED: {row['first_failure']}"
                              if row["failures"] else ""), flush=True)
             finally:
-                process.terminate()
-                process.wait(30)
+                for process, _ in services:
+                    process.terminate()
+                for process, _ in services:
+                    process.wait(30)
 
         # The service is gone: the engine child has the machine to itself.
-        engine = time_engine(models, args.device, images, batch_sizes_for(rows),
-                             service_info["torch_threads"], warmup, images_per_size, tmp)
+        engine = None if args.no_engine else time_engine(
+            models, args.device, images, batch_sizes_for(rows), service_info["torch_threads"],
+            warmup, images_per_size, tmp)
 
     print(f"\nservice: torch threads {service_info['torch_threads']}, OPENBLAS_CORETYPE "
-          f"{service_info['openblas_coretype']}; engine child: torch threads "
-          f"{engine['torch_threads']}, OPENBLAS_CORETYPE {engine['openblas_coretype']}, "
-          f"device {engine['device']}")
-    print("engine (fresh process, decode + predict, median): " + ", ".join(
-        f"b={b}: {r['median_s'] * 1000:.0f} ms/batch ({r['median_s'] * 1000 / int(b):.1f} ms/img,"
-        f" {r['rounds']} rounds)" for b, r in engine["batches"].items()))
+          f"{service_info['openblas_coretype']}, GIL switch interval "
+          f"{service_info['switch_interval_ms']:g} ms, {args.server_processes} process(es)")
+    if engine is not None:
+        print(f"engine child: torch threads {engine['torch_threads']}, OPENBLAS_CORETYPE "
+              f"{engine['openblas_coretype']}, device {engine['device']}")
+        print("engine (fresh process, decode + predict, median): " + ", ".join(
+            f"b={b}: {r['median_s'] * 1000:.0f} ms/batch ({r['median_s'] * 1000 / int(b):.1f} ms/img,"
+            f" {r['rounds']} rounds)" for b, r in engine["batches"].items()))
 
-    lines = ["| batching | concurrency | requests | img/s | p50 ms | p95 ms | p99 ms | mean batch | "
-             "GPU MB | engine img/s (same batch) | throughput overhead |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    # "in service" is the service's own mean time per request (/metrics); what the client
+    # waits beyond it is its own share of the machine.
+    lines = ["| batching | processes | concurrency | requests | img/s | p50 ms | p95 ms | p99 ms | "
+             "in service ms | mean batch | GPU MB | engine img/s (same batch) | throughput overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         mean = row["mean_batch"] if row["batching"] == "on" else 1.0
-        engine_s = engine_seconds_per_image(engine, mean)
         row["engine_batch"] = mean
-        row["engine_rps"] = 1.0 / engine_s
-        row["throughput_overhead"] = (1.0 / row["throughput_rps"]) / engine_s - 1.0 \
-            if row["throughput_rps"] else float("inf")
+        if engine is not None:
+            engine_s = engine_seconds_per_image(engine, mean)
+            row["engine_rps"] = 1.0 / engine_s
+            row["throughput_overhead"] = (1.0 / row["throughput_rps"]) / engine_s - 1.0 \
+                if row["throughput_rps"] else float("inf")
+            versus = f"{row['engine_rps']:.2f} (b={mean:.1f}) | {row['throughput_overhead'] * 100:+.0f}%"
+        else:
+            versus = "not timed | n/a"
         gpu = "n/a" if row["gpu_memory_mb"] is None else f"{row['gpu_memory_mb']:.0f}"
-        lines.append(f"| {row['batching']} | {row['concurrency']} | {row['requests']} | "
-                     f"{row['throughput_rps']:.2f} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
-                     f"{row['p99_ms']:.0f} | {row['mean_batch']:.1f} | {gpu} | {row['engine_rps']:.2f} "
-                     f"(b={mean:.1f}) | {row['throughput_overhead'] * 100:+.0f}% |")
+        inside = "n/a" if row["server_mean_ms"] is None else f"{row['server_mean_ms']:.1f}"
+        lines.append(f"| {row['batching']} | {row['server_processes']} | {row['concurrency']} | "
+                     f"{row['requests']} | {row['throughput_rps']:.2f} | {row['p50_ms']:.0f} | "
+                     f"{row['p95_ms']:.0f} | {row['p99_ms']:.0f} | {inside} | {row['mean_batch']:.1f} | "
+                     f"{gpu} | {versus} |")
 
-    engine_b1_ms = engine["batches"]["1"]["median_s"] * 1000
     summary = []
-    for row in rows:
-        if row["concurrency"] == 1:
-            overhead = row["p50_ms"] / engine_b1_ms - 1.0
-            summary.append({"what": f"latency c=1, batching {row['batching']}",
-                            "service": row["p50_ms"], "engine": engine_b1_ms, "unit": "ms",
-                            "overhead": overhead})
-    top = max(args.concurrency)
-    for row in rows:
-        if row["concurrency"] == top:
-            summary.append({"what": f"throughput c={top}, batching {row['batching']}",
-                            "service": row["throughput_rps"], "engine": row["engine_rps"],
-                            "unit": "img/s", "overhead": row["throughput_overhead"]})
-    lines += ["", f"| comparison | service | engine | overhead (goal < {GOAL:.0%}) |", "|---|---|---|---|"]
-    for item in summary:
-        verdict = "ok" if item["overhead"] < GOAL else "OVER"
-        lines.append(f"| {item['what']} | {item['service']:.1f} {item['unit']} | "
-                     f"{item['engine']:.1f} {item['unit']} | {item['overhead'] * 100:+.0f}% {verdict} |")
+    if engine is not None:
+        engine_b1_ms = engine["batches"]["1"]["median_s"] * 1000
+        for row in rows:
+            if row["concurrency"] == 1:
+                overhead = row["p50_ms"] / engine_b1_ms - 1.0
+                summary.append({"what": f"latency c=1, batching {row['batching']}",
+                                "service": row["p50_ms"], "engine": engine_b1_ms, "unit": "ms",
+                                "overhead": overhead})
+        top = max(args.concurrency)
+        for row in rows:
+            if row["concurrency"] == top:
+                summary.append({"what": f"throughput c={top}, batching {row['batching']}",
+                                "service": row["throughput_rps"], "engine": row["engine_rps"],
+                                "unit": "img/s", "overhead": row["throughput_overhead"]})
+        lines += ["", f"| comparison | service | engine | overhead (goal < {GOAL:.0%}) |",
+                  "|---|---|---|---|"]
+        for item in summary:
+            verdict = "ok" if item["overhead"] < GOAL else "OVER"
+            lines.append(f"| {item['what']} | {item['service']:.1f} {item['unit']} | "
+                         f"{item['engine']:.1f} {item['unit']} | {item['overhead'] * 100:+.0f}% {verdict} |")
     # Batching gain at concurrency 16 (issue 9 asks for >= 3x the batch-1 rate on a GPU).
     by_key = {(row["batching"], row["concurrency"]): row for row in rows}
     if ("on", 16) in by_key and ("off", 1) in by_key and by_key[("off", 1)]["throughput_rps"]:
         gain = by_key[("on", 16)]["throughput_rps"] / by_key[("off", 1)]["throughput_rps"]
         lines += ["", f"batching gain: concurrency 16 with batching / concurrency 1 without = {gain:.2f}x"]
-    header = (f"device {engine['device']}, images {args.image_format}, {args.image_size} px, "
-              f"bank {bank_size} features from {len(train)} images, max batch {args.max_batch_size}")
+    header = (f"device {device}, images {args.image_format}, {args.image_size} px, "
+              f"bank {bank_size} features from {len(train)} images, max batch {args.max_batch_size}, "
+              f"{args.server_processes} service process(es), {args.clients} client process(es)")
     if quick:
         lines += ["", "(--quick: too few requests for the figures to mean anything)"]
     text = "\n".join([header, "", *lines])
@@ -492,7 +534,8 @@ def main() -> None:
         args.json.write_text(json.dumps({"rows": rows, "engine": engine, "summary": summary,
                                          "service": service_info, "device": args.device,
                                          "image_format": args.image_format, "image_size": args.image_size,
-                                         "bank_size": bank_size, "quick": quick}, indent=2))
+                                         "bank_size": bank_size, "server_processes": args.server_processes,
+                                         "clients": args.clients, "quick": quick}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,17 @@
 # GPU check for a maintainer with a CUDA host, from a fresh clone (< 8 minutes on one H200):
 #   1. installs the project with its test tools into .venv (scripts/install.sh dev),
 #   2. runs the CUDA tests (pytest -m cuda; they skip without a CUDA device),
-#   3. runs benchmarks/bench_service.py on the device twice, with PNG and with JPEG
-#      (quality 95) bodies: full bottle bank, concurrency 1, 16, 64 and 256, micro-batching
+#   3. profiles the engine's stages at batch 1, 16 and 64 (benchmarks/gpu_profile.py:
+#      decode on the CPU and on the device, backbone, search, maps; OUT/profile.json),
+#   4. runs benchmarks/bench_service.py on the device for each body format (PNG and JPEG,
+#      quality 95): full bottle bank, concurrency 1, 16, 64 and 256, micro-batching
 #      on (max batch 64) and off, 4 load-generating client processes, writing
-#      OUT/service_{png,jpeg}.{json,md} (images/s, p50/p95/p99, mean batch, GPU memory,
-#      the engine's own rate at the same batch).
+#      OUT/service_{png,jpeg}.{json,md} (images/s, p50/p95/p99, time in the service,
+#      mean batch, GPU memory, the engine's own rate at the same batch),
+#   5. runs it again with JPEG bodies and several service processes sharing the device
+#      (--processes, default 4; batching on, concurrency 16, 64 and 256, twice as many
+#      client processes): OUT/service_jpeg_processes.{json,md}. This tells whether one
+#      process's event loop and decode pool, not the device, is the limit.
 #
 #   bash benchmarks/gpu_check.sh                       # the real check (needs CUDA)
 #   bash benchmarks/gpu_check.sh --device cpu --tiny --no-install   # seconds: keeps the script honest (tests)
@@ -16,7 +22,8 @@
 # --data DIR (MVTec-layout root; default $PATCHCORE_TEST_DATA or ../shared/data),
 # --train-images N and --coreset-ratio R (default 209 and 0.1: the full bottle bank; a
 # host without the whole training set gets a bank of the same size from 21 images at 1.0),
-# --seconds S per load level (default 10).
+# --seconds S per load level (default 10), --formats "png jpeg" (body formats of step 4),
+# --processes N (step 5; default 4, --tiny 2; 1 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +35,8 @@ DATA=${PATCHCORE_TEST_DATA:-../shared/data}
 TRAIN=209
 RATIO=0.1
 SECONDS_PER_LEVEL=10
+FORMATS="png jpeg"
+PROCESSES=
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -38,7 +47,9 @@ while [ $# -gt 0 ]; do
     --train-images) TRAIN=$2; shift 2 ;;
     --coreset-ratio) RATIO=$2; shift 2 ;;
     --seconds) SECONDS_PER_LEVEL=$2; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --formats) FORMATS=$2; shift 2 ;;
+    --processes) PROCESSES=$2; shift 2 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -67,32 +78,73 @@ EOF
 
 echo "== CUDA tests"
 # Exit status 5 = no test collected; the CUDA tests skip themselves without a device.
+# A failing test does not stop the benchmarks (a device session is short and costly):
+# the script runs them all and exits with the tests' status at the end.
 set +e
 # Only the modules that hold CUDA tests: collecting the whole suite would import the
 # stand's and the browser tests' tools, which a GPU host need not have.
 mapfile -t CUDA_TESTS < <(grep -rl --include='test_*.py' 'mark.cuda' tests | sort)
 "$PY" -m pytest -q -m cuda -p no:cacheprovider "${CUDA_TESTS[@]}"
-status=$?
+tests_status=$?
 set -e
-if [ "$status" != 0 ] && [ "$status" != 5 ]; then
-  echo "CUDA tests failed" >&2
-  exit "$status"
+if [ "$tests_status" = 5 ]; then tests_status=0; fi
+if [ "$tests_status" != 0 ]; then
+  echo "CUDA tests FAILED (status $tests_status); running the benchmarks anyway" >&2
 fi
+# Each benchmark step likewise: one that fails is reported and the next one still runs.
+failed_steps=()
+step() {
+  local name=$1; shift
+  "$@" || { echo "step FAILED: $name" >&2; failed_steps+=("$name"); }
+}
 
 if [ "$TINY" = 1 ]; then
+  PROFILE=(--train-images 3 --batches 1 2 --rounds 1)
   BENCH=(--quick --image-size 64 --train-images 3 --requests 3 --concurrency 1 2
          --max-batch-size 4 --max-seconds-per-level 5 --clients 2 --client-start-delay 3)
+  LEVELS=(--concurrency 2)
+  PROCESSES=${PROCESSES:-2}
+  PROCESS_CLIENTS=2
 else
+  PROFILE=(--train-images "$TRAIN" --coreset-ratio "$RATIO" --batches 1 16 64 --rounds 5)
   # 16 decode threads: on a GPU host the decode on the CPU is the next wall. Four client
   # processes: one Python client caps near a thousand requests/s.
   BENCH=(--train-images "$TRAIN" --coreset-ratio "$RATIO" --requests 100000
-         --concurrency 1 16 64 256 --max-batch-size 64 --max-seconds-per-level "$SECONDS_PER_LEVEL"
-         --decode-threads 16 --clients 4 --client-start-delay 6)
+         --max-batch-size 64 --max-seconds-per-level "$SECONDS_PER_LEVEL"
+         --clients 4 --client-start-delay 6)
+  LEVELS=(--concurrency 16 64 256)
+  PROCESSES=${PROCESSES:-4}
+  PROCESS_CLIENTS=8
 fi
-for format in png jpeg; do
-  echo "== service benchmark on $DEVICE, $format bodies"
-  "$PY" benchmarks/bench_service.py --data "$DATA" --device "$DEVICE" "${BENCH[@]}" \
+
+echo "== engine stages on $DEVICE"
+step profile "$PY" benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" "${PROFILE[@]}" \
+  --json "$OUT/profile.json"
+
+for format in $FORMATS; do
+  echo "== service benchmark on $DEVICE, $format bodies, one process"
+  if [ "$TINY" = 1 ]; then levels=(); else levels=(--concurrency 1 16 64 256 --decode-threads 16); fi
+  step "service $format" "$PY" benchmarks/bench_service.py --data "$DATA" --device "$DEVICE" \
+    "${BENCH[@]}" "${levels[@]}" \
     --image-format "$format" --json "$OUT/service_$format.json" --markdown "$OUT/service_$format.md"
 done
 
+if [ "$PROCESSES" -gt 1 ]; then
+  echo "== service benchmark on $DEVICE, jpeg bodies, $PROCESSES processes"
+  # Decode threads split between the processes: the same CPU pool as the one-process run.
+  step "service processes" "$PY" benchmarks/bench_service.py --data "$DATA" --device "$DEVICE" \
+    "${BENCH[@]}" "${LEVELS[@]}" \
+    --batching on --no-engine --server-processes "$PROCESSES" --clients "$PROCESS_CLIENTS" \
+    --decode-threads $(( 16 / PROCESSES > 0 ? 16 / PROCESSES : 1 )) \
+    --image-format jpeg --json "$OUT/service_jpeg_processes.json" --markdown "$OUT/service_jpeg_processes.md"
+fi
+
 echo "== done in $(( $(date +%s) - started )) s (after install); results in $OUT/"
+if [ "$tests_status" != 0 ]; then
+  echo "CUDA tests FAILED (status $tests_status): see above" >&2
+  exit "$tests_status"
+fi
+if [ "${#failed_steps[@]}" != 0 ]; then
+  echo "FAILED steps: ${failed_steps[*]}" >&2
+  exit 1
+fi

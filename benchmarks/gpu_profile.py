@@ -22,9 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
+from torchvision.io import decode_jpeg  # noqa: E402
 
 import app  # noqa: E402,F401 - native-thread environment first
+from app.core.backbones import get_backbone_spec  # noqa: E402
 from app.core.embedding import EmbedderConfig, create_embedder  # noqa: E402
 from app.core.images import decode_for_model  # noqa: E402
 from app.core.knn import TorchExactIndex  # noqa: E402
@@ -47,6 +50,19 @@ def timed(fn, device: torch.device, rounds: int) -> float:
     return statistics.median(times)
 
 
+def device_decode_resize(bodies: list[bytes], embedder) -> torch.Tensor:
+    """JPEG bodies -> (B, 3, S, S) float32 normalised, decoded and resized on the embedder's device."""
+    device, size = embedder.device, embedder.config.image_size
+    spec = get_backbone_spec(embedder.config.backbone)
+    data = [torch.frombuffer(bytearray(body), dtype=torch.uint8) for body in bodies]
+    decoded = decode_jpeg(data, device=device)
+    resized = [F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                             antialias=True, align_corners=False)[0] for image in decoded]
+    mean = torch.tensor(spec.mean, device=device).view(3, 1, 1) * 255.0
+    std = torch.tensor(spec.std, device=device).view(3, 1, 1) * 255.0
+    return (torch.stack(resized) - mean) / std
+
+
 def profile_batch(batch: int, pngs: list[bytes], jpegs: list[bytes], models: dict, embedder, rounds: int) -> dict:
     device = embedder.device
     size = embedder.config.image_size
@@ -60,8 +76,17 @@ def profile_batch(batch: int, pngs: list[bytes], jpegs: list[bytes], models: dic
                                                                for x in b], device, rounds) * 1000 / batch
     row["decode_jpeg_ms_per_img"] = timed(lambda b=bodies_jpeg: [decode_for_model(x, min_side=size)
                                                                  for x in b], device, rounds) * 1000 / batch
+    # The alternative to the two rows above for JPEG bodies: decode on the device (nvjpeg on
+    # CUDA, as torchvision.io.decode_jpeg batches it; full scale, there is no DCT-domain
+    # reduction there), then resize and normalise on the device.
+    row["decode_jpeg_on_device_ms_per_img"] = timed(
+        lambda b=bodies_jpeg: device_decode_resize(b, embedder), device, rounds) * 1000 / batch
     model = models["bf16"]
     tensors = model.preprocess(arrays, sizes)
+    # How far the device's input is from the service's (reduced-scale decode + PIL resize),
+    # in normalised units (one grey level is about 0.017).
+    on_device = device_decode_resize(bodies_jpeg, embedder).cpu()
+    row["device_vs_service_input_mean_abs"] = float((on_device - tensors).abs().mean())
     row["preprocess_ms_per_img"] = timed(lambda: model.preprocess(arrays, sizes), device,
                                          rounds) * 1000 / batch
     row["embed_ms"] = timed(lambda: embedder.embed(tensors, on_device=True), device, rounds) * 1000

@@ -37,5 +37,19 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(shared_data, tmp_path):
             assert row["server_mean_ms"] > 0
         assert report["engine"]["device"] == "cpu"
         table = (out / f"service_{image_format}.md").read_text()
-        assert "| batching | concurrency |" in table and "GPU MB" in table
+        assert "| batching | processes | concurrency |" in table and "GPU MB" in table
+    # Step 5: two service processes share the device, each client process talks to one.
+    shared = json.loads((out / "service_jpeg_processes.json").read_text())
+    assert shared["server_processes"] == 2 and shared["engine"] is None
+    assert [(row["batching"], row["concurrency"]) for row in shared["rows"]] == [("on", 2)]
+    for row in shared["rows"]:
+        assert row["failures"] == 0 and row["requests"] > 0 and row["server_processes"] == 2
+        assert row["server_mean_ms"] > 0
+    # Step 3: the stage profile, with the device-decode row beside the CPU decode.
+    profile = json.loads((out / "profile.json").read_text())
+    assert [row["batch"] for row in profile["rows"]] == [1, 2]
+    for row in profile["rows"]:
+        assert row["decode_jpeg_on_device_ms_per_img"] > 0 and row["predict_batch_ms"] > 0
+        # The device's input is the service's up to resampling: well under one grey level.
+        assert row["device_vs_service_input_mean_abs"] < 0.017
     assert "faiss gpu" in (out / "environment.txt").read_text()

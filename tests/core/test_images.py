@@ -1,4 +1,5 @@
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -40,6 +41,34 @@ def test_fast_png_path_gives_pillows_pixels(mode, monkeypatch):
     np.testing.assert_array_equal(fast, np.asarray(image.convert("RGB")))
     with pytest.raises(InvalidImage, match="truncated"):
         decode_image(png[:-6])
+
+
+def test_png_decoded_beside_a_busy_libspng_goes_to_pillow_with_the_same_pixels(monkeypatch):
+    """pyspng holds the GIL, so only one decode at a time uses it; one that starts while
+    it is busy decodes with Pillow (which runs in parallel) instead of waiting."""
+    import pyspng
+
+    import app.core.images as images
+
+    used = []
+    real_load = pyspng.load
+    monkeypatch.setattr(pyspng, "load", lambda *a, **k: used.append(1) or real_load(*a, **k))
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    png = _encode(image)
+    alone = decode_image(png)
+    assert used == [1]  # free: libspng
+    with images._SPNG_SLOT:  # another thread is decoding with libspng
+        beside = decode_image(png)
+        with pytest.raises(InvalidImage, match="truncated"):  # the same rules either way
+            decode_image(png[:-6])
+    assert used == [1]  # busy: Pillow, without waiting for the slot
+    np.testing.assert_array_equal(alone, beside)
+    np.testing.assert_array_equal(alone, np.asarray(image))
+    # Many threads at once: every result is the image, whichever decoder each one got.
+    with ThreadPoolExecutor(4) as pool:
+        for decoded in pool.map(lambda _: decode_image(png), range(24)):
+            np.testing.assert_array_equal(decoded, alone)
+    assert not images._SPNG_SLOT.locked()
 
 
 def test_16_bit_grayscale_png_keeps_its_range():
