@@ -146,9 +146,12 @@ def gpu_memory_mb(pids: list[int]) -> float | None:
                               timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    held = [float(parts[1]) for parts in (
-        [p.strip() for p in line.split(",")] for line in text.splitlines())
-        if len(parts) == 2 and parts[0] in {str(pid) for pid in pids}]
+    wanted = {str(pid) for pid in pids}
+    held = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] in wanted:
+            held.append(float(parts[1]))
     return sum(held) if held else None
 
 

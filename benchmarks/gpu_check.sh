@@ -102,6 +102,7 @@ if [ "$TINY" = 1 ]; then
   PROFILE=(--train-images 3 --batches 1 2 --rounds 1)
   BENCH=(--quick --image-size 64 --train-images 3 --requests 3 --concurrency 1 2
          --max-batch-size 4 --max-seconds-per-level 5 --clients 2 --client-start-delay 3)
+  ONE_PROCESS=()
   LEVELS=(--concurrency 2)
   PROCESSES=${PROCESSES:-2}
   PROCESS_CLIENTS=2
@@ -112,6 +113,7 @@ else
   BENCH=(--train-images "$TRAIN" --coreset-ratio "$RATIO" --requests 100000
          --max-batch-size 64 --max-seconds-per-level "$SECONDS_PER_LEVEL"
          --clients 4 --client-start-delay 6)
+  ONE_PROCESS=(--concurrency 1 16 64 256 --decode-threads 16)
   LEVELS=(--concurrency 16 64 256)
   PROCESSES=${PROCESSES:-4}
   PROCESS_CLIENTS=8
@@ -123,9 +125,8 @@ step profile "$PY" benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" "
 
 for format in $FORMATS; do
   echo "== service benchmark on $DEVICE, $format bodies, one process"
-  if [ "$TINY" = 1 ]; then levels=(); else levels=(--concurrency 1 16 64 256 --decode-threads 16); fi
   step "service $format" "$PY" benchmarks/bench_service.py --data "$DATA" --device "$DEVICE" \
-    "${BENCH[@]}" "${levels[@]}" \
+    "${BENCH[@]}" "${ONE_PROCESS[@]}" \
     --image-format "$format" --json "$OUT/service_$format.json" --markdown "$OUT/service_$format.md"
 done
 
