@@ -91,7 +91,8 @@ pathlib.Path(sys.argv[1]).write_text(json.dumps({{
     "torch_threads": torch.get_num_threads(),
     "torch_interop_threads": torch.get_num_interop_threads(),
     "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
-    "switch_interval_ms": sys.getswitchinterval() * 1000}}))
+    "switch_interval_ms": sys.getswitchinterval() * 1000,
+    "device_decode": os.environ.get("PATCHCORE_DEVICE_DECODE", "auto")}}))
 from app.service.api import serve
 serve("127.0.0.1", {port})
 """
@@ -99,7 +100,8 @@ serve("127.0.0.1", {port})
 
 def start_service(models: Path, device: str, batch: int, wait_ms: float, queue: int,
                   info: Path, decode_threads: int | None = None,
-                  switch_interval_ms: float | None = None) -> tuple[subprocess.Popen, str]:
+                  switch_interval_ms: float | None = None,
+                  device_decode: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**child_env(device), "PATCHCORE_MODELS_DIR": str(models),
            "PATCHCORE_MAX_BATCH_SIZE": str(batch), "PATCHCORE_MAX_WAIT_MS": str(wait_ms),
@@ -108,6 +110,8 @@ def start_service(models: Path, device: str, batch: int, wait_ms: float, queue: 
         env["PATCHCORE_DECODE_THREADS"] = str(decode_threads)
     if switch_interval_ms:
         env["BENCH_SWITCH_INTERVAL_MS"] = str(switch_interval_ms)
+    if device_decode:
+        env["PATCHCORE_DEVICE_DECODE"] = device_decode
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 -- a pipe nobody reads could fill and stall the server
     process = subprocess.Popen(
         [sys.executable, "-c", SERVICE_CHILD.format(port=port), str(info)],
@@ -373,6 +377,9 @@ def main() -> None:
                         help="service processes sharing the device, each on its own port")
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="sys.setswitchinterval in the service processes (default Python's 5 ms)")
+    parser.add_argument("--device-decode", choices=["auto", "off", "always"], default=None,
+                        help="PATCHCORE_DEVICE_DECODE for the service (default: the service's, auto: "
+                             "JPEG bodies decoded on a CUDA device)")
     parser.add_argument("--no-engine", action="store_true",
                         help="skip timing the bare engine (no overhead columns)")
     parser.add_argument("--quick", action="store_true",
@@ -426,7 +433,8 @@ def main() -> None:
                         models, args.device, batch, wait,
                         queue=max(256, 2 * max(args.concurrency)), info=info,
                         decode_threads=args.decode_threads,
-                        switch_interval_ms=args.switch_interval_ms))
+                        switch_interval_ms=args.switch_interval_ms,
+                        device_decode=args.device_decode))
                     service_info = json.loads(info.read_text())
                 urls = [url for _, url in services]
                 for concurrency in args.concurrency:
@@ -465,7 +473,8 @@ def main() -> None:
 
     print(f"\nservice: torch threads {service_info['torch_threads']}, OPENBLAS_CORETYPE "
           f"{service_info['openblas_coretype']}, GIL switch interval "
-          f"{service_info['switch_interval_ms']:g} ms, {args.server_processes} process(es)")
+          f"{service_info['switch_interval_ms']:g} ms, {args.server_processes} process(es), "
+          f"device decode {service_info['device_decode']}")
     if engine is not None:
         print(f"engine child: torch threads {engine['torch_threads']}, OPENBLAS_CORETYPE "
               f"{engine['openblas_coretype']}, device {engine['device']}")
@@ -524,7 +533,8 @@ def main() -> None:
         lines += ["", f"batching gain: concurrency 16 with batching / concurrency 1 without = {gain:.2f}x"]
     header = (f"device {device}, images {args.image_format}, {args.image_size} px, "
               f"bank {bank_size} features from {len(train)} images, max batch {args.max_batch_size}, "
-              f"{args.server_processes} service process(es), {args.clients} client process(es)")
+              f"{args.server_processes} service process(es), {args.clients} client process(es), "
+              f"device decode {service_info.get('device_decode', 'auto')}")
     if quick:
         lines += ["", "(--quick: too few requests for the figures to mean anything)"]
     text = "\n".join([header, "", *lines])

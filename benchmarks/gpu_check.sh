@@ -9,7 +9,10 @@
 #      on (max batch 64) and off, 4 load-generating client processes, writing
 #      OUT/service_{png,jpeg}.{json,md} (images/s, p50/p95/p99, time in the service,
 #      mean batch, GPU memory, the engine's own rate at the same batch),
-#   5. runs it again with JPEG bodies and several service processes sharing the device
+#   5. runs it again with JPEG bodies decoded on the CPU (PATCHCORE_DEVICE_DECODE=off; step 4's
+#      JPEG run decodes them on the device, the default on CUDA), batching on, concurrency
+#      16, 64 and 256: OUT/service_jpeg_cpu_decode.{json,md}, the same run's baseline,
+#   6. runs it again with JPEG bodies and several service processes sharing the device
 #      (--processes, default 4; batching on, concurrency 16, 64 and 256, twice as many
 #      client processes): OUT/service_jpeg_processes.{json,md}. This tells whether one
 #      process's event loop and decode pool, not the device, is the limit.
@@ -23,7 +26,7 @@
 # --train-images N and --coreset-ratio R (default 209 and 0.1: the full bottle bank; a
 # host without the whole training set gets a bank of the same size from 21 images at 1.0),
 # --seconds S per load level (default 10), --formats "png jpeg" (body formats of step 4),
-# --processes N (step 5; default 4, --tiny 2; 1 skips it).
+# --processes N (step 6; default 4, --tiny 2; 1 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +52,7 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_PER_LEVEL=$2; shift 2 ;;
     --formats) FORMATS=$2; shift 2 ;;
     --processes) PROCESSES=$2; shift 2 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -103,6 +106,7 @@ if [ "$TINY" = 1 ]; then
   BENCH=(--quick --image-size 64 --train-images 3 --requests 3 --concurrency 1 2
          --max-batch-size 4 --max-seconds-per-level 5 --clients 2 --client-start-delay 3)
   ONE_PROCESS=()
+  ONE_PROCESS_THREADS=()
   LEVELS=(--concurrency 2)
   PROCESSES=${PROCESSES:-2}
   PROCESS_CLIENTS=2
@@ -113,11 +117,15 @@ else
   BENCH=(--train-images "$TRAIN" --coreset-ratio "$RATIO" --requests 100000
          --max-batch-size 64 --max-seconds-per-level "$SECONDS_PER_LEVEL"
          --clients 4 --client-start-delay 6)
-  ONE_PROCESS=(--concurrency 1 16 64 256 --decode-threads 16)
+  ONE_PROCESS=(--concurrency 1 16 64 256)
+  ONE_PROCESS_THREADS=(--decode-threads 16)
   LEVELS=(--concurrency 16 64 256)
   PROCESSES=${PROCESSES:-4}
   PROCESS_CLIENTS=8
 fi
+
+# Device decoding is "auto" (on for CUDA); a CPU check runs the same code with "always".
+if [ "$DEVICE" = cpu ]; then DEVICE_DECODE=always; else DEVICE_DECODE=auto; fi
 
 echo "== engine stages on $DEVICE"
 step profile "$PY" benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" "${PROFILE[@]}" \
@@ -126,8 +134,16 @@ step profile "$PY" benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" "
 for format in $FORMATS; do
   echo "== service benchmark on $DEVICE, $format bodies, one process"
   step "service $format" "$PY" benchmarks/bench_service.py --data "$DATA" --device "$DEVICE" \
-    "${BENCH[@]}" "${ONE_PROCESS[@]}" \
+    "${BENCH[@]}" "${ONE_PROCESS[@]}" "${ONE_PROCESS_THREADS[@]}" --device-decode "$DEVICE_DECODE" \
     --image-format "$format" --json "$OUT/service_$format.json" --markdown "$OUT/service_$format.md"
+done
+
+for format in $FORMATS; do
+  [ "$format" = jpeg ] || continue
+  echo "== service benchmark on $DEVICE, jpeg bodies decoded on the CPU, one process"
+  step "service jpeg cpu decode" "$PY" benchmarks/bench_service.py --data "$DATA" --device "$DEVICE" \
+    "${BENCH[@]}" "${LEVELS[@]}" "${ONE_PROCESS_THREADS[@]}" --batching on --no-engine --device-decode off \
+    --image-format jpeg --json "$OUT/service_jpeg_cpu_decode.json" --markdown "$OUT/service_jpeg_cpu_decode.md"
 done
 
 if [ "$PROCESSES" -gt 1 ]; then

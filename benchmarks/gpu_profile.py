@@ -12,7 +12,6 @@ and the whole `predict_batch` as the service's batch worker calls it. Medians ov
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import statistics
@@ -23,12 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision.io import decode_jpeg  # noqa: E402
 
 import app  # noqa: E402,F401 - native-thread environment first
-from app.core.backbones import get_backbone_spec  # noqa: E402
+from app.core.device_decode import decode_to_network_input, device_jpeg_size  # noqa: E402
 from app.core.embedding import EmbedderConfig, create_embedder  # noqa: E402
 from app.core.images import decode_for_model  # noqa: E402
 from app.core.knn import TorchExactIndex  # noqa: E402
@@ -51,23 +48,16 @@ def timed(fn, device: torch.device, rounds: int) -> float:
     return statistics.median(times)
 
 
-@functools.cache
-def _normalisation(backbone: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backbone's mean and std in 0-255 units, on the device once (not inside the timing)."""
-    spec = get_backbone_spec(backbone)
-    return (torch.tensor(spec.mean, device=device).view(3, 1, 1) * 255.0,
-            torch.tensor(spec.std, device=device).view(3, 1, 1) * 255.0)
-
-
 def device_decode_resize(bodies: list[bytes], embedder) -> torch.Tensor:
-    """JPEG bodies -> (B, 3, S, S) float32 normalised, decoded and resized on the embedder's device."""
-    device, size = embedder.device, embedder.config.image_size
-    data = [torch.frombuffer(bytearray(body), dtype=torch.uint8) for body in bodies]
-    decoded = decode_jpeg(data, device=device)
-    resized = [F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
-                             antialias=True, align_corners=False)[0] for image in decoded]
-    mean, std = _normalisation(embedder.config.backbone, device)
-    return (torch.stack(resized) - mean) / std
+    """JPEG bodies -> (B, 3, S, S) float32 normalised on the embedder's device: the service's
+    own device path (app.core.device_decode with the embedder's preprocess_decoded)."""
+    jpegs = [(body, device_jpeg_size(body), None) for body in bodies]
+    if any(size is None for _, size, _ in jpegs):
+        raise ValueError("a body the device decoder does not take (progressive, CMYK, rotated, ...)")
+    decoded = decode_to_network_input(jpegs, embedder.device, embedder.preprocess_decoded)  # type: ignore[arg-type]
+    if any(tensor is None for tensor in decoded):
+        raise RuntimeError("the device decoder refused a body")
+    return torch.stack(decoded)  # type: ignore[arg-type]
 
 
 def profile_batch(batch: int, pngs: list[bytes], jpegs: list[bytes], models: dict, embedder, rounds: int) -> dict:
@@ -83,15 +73,15 @@ def profile_batch(batch: int, pngs: list[bytes], jpegs: list[bytes], models: dic
                                                                for x in b], device, rounds) * 1000 / batch
     row["decode_jpeg_ms_per_img"] = timed(lambda b=bodies_jpeg: [decode_for_model(x, min_side=size)
                                                                  for x in b], device, rounds) * 1000 / batch
-    # The alternative to the two rows above for JPEG bodies: decode on the device (nvjpeg on
-    # CUDA, as torchvision.io.decode_jpeg batches it; full scale, there is no DCT-domain
-    # reduction there), then resize and normalise on the device.
+    # The alternative to the two rows above for JPEG bodies, the service's path on CUDA:
+    # decode on the device (nvJPEG, one batched call; full scale, there is no DCT-domain
+    # reduction there), then resize and normalise there (app.core.device_decode).
     row["decode_jpeg_on_device_ms_per_img"] = timed(
         lambda b=bodies_jpeg: device_decode_resize(b, embedder), device, rounds) * 1000 / batch
     model = models["bf16"]
     tensors = model.preprocess(arrays, sizes)
-    # How far the device's input is from the service's (reduced-scale decode + PIL resize),
-    # in normalised units (one grey level is about 0.017).
+    # How far the device path's input is from the CPU path's (reduced-scale decode + PIL
+    # resize), in normalised units (one grey level is 1/128 = 0.0078 for the Lite backbones).
     on_device = device_decode_resize(bodies_jpeg, embedder).cpu()
     row["device_vs_service_input_mean_abs"] = float((on_device - tensors).abs().mean())
     row["preprocess_ms_per_img"] = timed(lambda: model.preprocess(arrays, sizes), device,

@@ -69,3 +69,42 @@ def test_cuda_batch_keeps_features_on_the_device_and_scores_as_the_cpu(embedders
     for a, b in zip(on_cpu, on_gpu, strict=True):
         assert not isinstance(b, Exception)
         assert b.raw_score == pytest.approx(a.raw_score, rel=2e-3)
+
+
+def test_nvjpeg_decodes_to_the_cpu_input_and_scores(embedders, shared_data):
+    """JPEG bodies decoded by nvJPEG on the device (app.core.device_decode): the network
+    input is the CPU decode's to a fraction of a grey level, and a device-decoded batch,
+    mixed with a CPU-prepared PNG, scores as the CPU engine scores the PNGs."""
+    import io
+
+    from PIL import Image
+
+    from app.core.device_decode import decode_to_network_input, device_jpeg_size
+    from app.core.patchcore import BatchItem, predict_batch
+
+    cpu, cuda = embedders
+    paths = sorted((shared_data / "bottle" / "test" / "broken_large").glob("*.png"))[:4]
+    frames = [decode_image(p) for p in paths]
+    jpegs = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, "JPEG", quality=95)
+        jpegs.append(buffer.getvalue())
+    sizes = [device_jpeg_size(data) for data in jpegs]
+    assert sizes == [(900, 900)] * 4
+    on_device = decode_to_network_input([(d, s, None) for d, s in zip(jpegs, sizes, strict=True)],
+                                        cuda.device, cuda.preprocess_decoded)
+    for data, tensor in zip(jpegs, on_device, strict=True):
+        assert tensor is not None and tensor.is_cuda
+        want = cpu.preprocess_one(decode_image(data))
+        assert float((tensor.cpu() - want).abs().mean()) < 0.02  # nvJPEG's IDCT is not libjpeg's
+
+    train = sorted((shared_data / "bottle" / "train" / "good").glob("*.png"))[:12]
+    bank = build_bank(train, PatchCoreConfig(), cpu)
+    on_cpu = PatchCoreModel(bank, cpu).predict(frames)
+    gpu_model = PatchCoreModel(bank, cuda)
+    items = [BatchItem(gpu_model, t, (900, 900)) for t in on_device[:3]]
+    items.append(BatchItem(gpu_model, gpu_model.preprocess([frames[3]])[0], (900, 900)))  # on the CPU
+    for a, b in zip(on_cpu, predict_batch(items), strict=True):
+        assert not isinstance(b, Exception)
+        assert b.raw_score == pytest.approx(a.raw_score, rel=0.02)

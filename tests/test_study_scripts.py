@@ -62,3 +62,25 @@ def test_scale_framing_study_reduces_to_squeeze_on_square_frames(mini_mvtec, tmp
     for key in ("image_auroc", "pixel_auroc"):  # the same resize: equal up to BLAS summation order
         assert scale[key] == pytest.approx(squeeze[key], abs=1e-6), key
     assert 0.0 <= squeeze["image_auroc"] <= 1.0 and 0.0 <= squeeze["pixel_auroc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_jpeg_auroc_scores_every_decode_path(mini_mvtec, tmp_path):
+    """benchmarks/jpeg_auroc.py behind the README's JPEG table: PNG, full, reduced-scale and
+    device-path JPEG decoding of the same frames, each against the PNG's scores."""
+    config = PatchCoreConfig(embedder=EmbedderConfig(image_size=128), coreset_ratio=0.25)
+    embedder = create_embedder(config.embedder, device="cpu")
+    bank = build_bank(read_category(mini_mvtec, "bottle").train, config, embedder)
+    LocalBankStore(tmp_path / "models").save("bottle", bank)
+    out = tmp_path / "jpeg.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/jpeg_auroc.py", "--bank", str(tmp_path / "models" / "bottle"),
+         "--data", str(mini_mvtec), "--category", "bottle", "--json", str(out)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["feature_dim"] == bank.features.shape[1]
+    assert report["png"]["score_vs_png_max"] == 0.0
+    for mode in ("jpeg-full", "jpeg-reduced", "jpeg-device"):
+        assert 0.0 < report[mode]["score_vs_png_max"] < 0.1, mode
+        assert 0.0 <= report[mode]["pixel_auroc"] <= 1.0 and 0.0 <= report[mode]["image_auroc"] <= 1.0

@@ -602,7 +602,7 @@ def predict_batch(items: Sequence[BatchItem]) -> list[Prediction | Exception]:
         embedder = items[indices[0]].model.embedder
         try:
             # On a GPU the features stay there for a GPU search (TorchExactIndex).
-            features = embedder.embed(torch.stack([items[i].tensor for i in indices]),
+            features = embedder.embed(_stack([items[i].tensor for i in indices], embedder.device),
                                       on_device=embedder.device.type == "cuda")
         except Exception as exc:
             for i in indices:
@@ -624,3 +624,10 @@ def predict_batch(items: Sequence[BatchItem]) -> list[Prediction | Exception]:
             for p, prediction in zip(positions, predictions, strict=True):
                 results[indices[p]] = prediction
     return [r if r is not None else RuntimeError("item was not scored") for r in results]
+
+
+def _stack(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One batch from inputs prepared on the CPU and, for JPEGs decoded there, on the device."""
+    if all(t.device == tensors[0].device for t in tensors):
+        return torch.stack(list(tensors))
+    return torch.stack([t.to(device, non_blocking=True) for t in tensors])

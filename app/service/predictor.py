@@ -49,6 +49,7 @@ class Predictor:
         self.backbone_loaded = False
         self.banks_loaded = False
         self.recent = RecentImages(int(settings.feedback_cache_mb * 1024 * 1024))
+        self.device_decode = settings.device_decode
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -98,15 +99,17 @@ class Predictor:
         keep = options.heatmap == "overlay"
         settings = self.settings
         pixels = self._check_pixel_budget(uploads)
+        device_decode = self.decodes_on_device(loaded)
 
         def prepare_one(index: int, upload: UploadedFile) -> PreparedImage:
+            label = f"image {index} ({_shown(upload.filename)})"
             try:
                 with self.decode_budget.reserve(pixels[index] * DECODE_BYTES_PER_PIXEL,
                                                 timeout=settings.request_timeout_s):
                     return prepare(loaded, upload.data, settings.max_image_pixels, keep,
-                                   settings.max_heatmap_side)
+                                   settings.max_heatmap_side, device_decode, label)
             except PatchCoreError as exc:
-                raise type(exc)(f"image {index} ({_shown(upload.filename)}): {exc}") from exc
+                raise type(exc)(f"{label}: {exc}") from exc
 
         # Queue slots are reserved before anything is decoded (a full queue answers 429
         # at once), and the request is marked as on its way while it is prepared, so the
@@ -143,6 +146,11 @@ class Predictor:
         if anomalous:
             self.metrics.anomalous.labels(loaded.name).inc(anomalous)
         return {"product": loaded.name, "results": results}
+
+    def decodes_on_device(self, loaded: LoadedProduct) -> bool:
+        """Whether this product's JPEG bodies are decoded by the batch worker on its device."""
+        mode = self.device_decode
+        return mode == "always" or (mode == "auto" and loaded.embedder.device.type == "cuda")
 
     # ---------------------------------------------------------------- internals
     def _check_pixel_budget(self, uploads: Sequence[UploadedFile]) -> list[int]:

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=30.0, gt=0.0)
     # Threads that decode, validate and resize images before the queue.
     decode_threads: int = Field(default=4, ge=1, le=64)
+    # JPEG bodies decoded, resized and normalised by the batch worker on the model's device
+    # (nvJPEG) instead of by the decode threads: "auto" on a CUDA device, "off" never,
+    # "always" also on a CPU device (torchvision's libjpeg decode at full size: slower than
+    # the CPU path's reduced-scale decode there; for tests and comparisons).
+    device_decode: Literal["auto", "off", "always"] = "auto"
 
     # ------------------------------------------------------------------ input limits
     max_upload_mb: float = Field(default=32.0, gt=0.0)
