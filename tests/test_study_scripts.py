@@ -23,22 +23,31 @@ from app.storage import LocalBankStore
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_map_study_default_row_is_the_evaluated_pixel_auroc(mini_mvtec, tmp_path):
+@pytest.fixture(scope="module")
+def mini_bank(mini_mvtec, tmp_path_factory):
+    """(models dir holding a small bottle bank, the bank, its embedder): 128 px, 25% coreset."""
     config = PatchCoreConfig(embedder=EmbedderConfig(image_size=128), coreset_ratio=0.25)
     embedder = create_embedder(config.embedder, device="cpu")
-    category = read_category(mini_mvtec, "bottle")
-    bank = build_bank(category.train, config, embedder)
-    LocalBankStore(tmp_path / "models").save("bottle", bank)
-    expected = evaluate_bank(bank, category, embedder)["pixel_auroc"]
+    bank = build_bank(read_category(mini_mvtec, "bottle").train, config, embedder)
+    models = tmp_path_factory.mktemp("models")
+    LocalBankStore(models).save("bottle", bank)
+    return models, bank, embedder
 
-    out = tmp_path / "study.json"
+
+def _run_study(script: str, models: Path, data: Path, out: Path) -> dict:
     result = subprocess.run(
-        [sys.executable, "benchmarks/map_study.py", "--bank", str(tmp_path / "models" / "bottle"),
-         "--data", str(mini_mvtec), "--category", "bottle", "--json", str(out)],
+        [sys.executable, f"benchmarks/{script}", "--bank", str(models / "bottle"),
+         "--data", str(data), "--category", "bottle", "--json", str(out)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_map_study_default_row_is_the_evaluated_pixel_auroc(mini_mvtec, mini_bank, tmp_path):
+    models, bank, embedder = mini_bank
+    expected = evaluate_bank(bank, read_category(mini_mvtec, "bottle"), embedder)["pixel_auroc"]
+    results = _run_study("map_study.py", models, mini_mvtec, tmp_path / "study.json")["results"]
     assert results["default (nearest row, sigma 4)"] == pytest.approx(expected, abs=1e-4)
     assert {"sigma 12", "mean of 3 nearest rows", "per image: minus median",
             "defect vs good-image pixels", "defect vs defective-image pixels > 0.2"} <= set(results)
@@ -65,20 +74,11 @@ def test_scale_framing_study_reduces_to_squeeze_on_square_frames(mini_mvtec, tmp
 
 
 @pytest.mark.slow
-def test_jpeg_auroc_scores_every_decode_path(mini_mvtec, tmp_path):
+def test_jpeg_auroc_scores_every_decode_path(mini_mvtec, mini_bank, tmp_path):
     """benchmarks/jpeg_auroc.py behind the README's JPEG table: PNG, full, reduced-scale and
     device-path JPEG decoding of the same frames, each against the PNG's scores."""
-    config = PatchCoreConfig(embedder=EmbedderConfig(image_size=128), coreset_ratio=0.25)
-    embedder = create_embedder(config.embedder, device="cpu")
-    bank = build_bank(read_category(mini_mvtec, "bottle").train, config, embedder)
-    LocalBankStore(tmp_path / "models").save("bottle", bank)
-    out = tmp_path / "jpeg.json"
-    result = subprocess.run(
-        [sys.executable, "benchmarks/jpeg_auroc.py", "--bank", str(tmp_path / "models" / "bottle"),
-         "--data", str(mini_mvtec), "--category", "bottle", "--json", str(out)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    models, bank, _ = mini_bank
+    report = _run_study("jpeg_auroc.py", models, mini_mvtec, tmp_path / "jpeg.json")
     assert report["device"] == "cpu" and report["feature_dim"] == bank.features.shape[1]
     assert report["png"]["score_vs_png_max"] == 0.0
     for mode in ("jpeg-full", "jpeg-reduced", "jpeg-device"):
