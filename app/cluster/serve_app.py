@@ -90,11 +90,15 @@ class _ReplicaMiddleware:
         if match and PRODUCT_NAME.fullmatch(match.group(1)):
             await self.replica.ensure_loaded(match.group(1))
         tag = self.replica.replica_id.encode()
+        # Serve's proxy passes its request id in and puts it on the answer itself: the app's
+        # copy of the same id would reach the client as "id, id" (and feedback by it would fail).
+        proxy_id = next((value for name, value in scope.get("headers", []) if name == b"x-request-id"), None)
 
         async def tagged(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (REPLICA_HEADER.encode(), tag)]
+                headers = [(name, value) for name, value in message.get("headers", [])
+                           if not (name.lower() == b"x-request-id" and value == proxy_id)]
+                message["headers"] = [*headers, (REPLICA_HEADER.encode(), tag)]
             await send(message)
 
         await self.app(scope, receive, tagged)
@@ -114,10 +118,11 @@ class PatchCoreReplica:
         self.fastapi: FastAPI | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
+        from app.cluster.flagged import ClusterFlaggedImages
         from app.cluster.jobs import RayJobRunner
         from app.service.api import create_app
 
-        app = create_app(self.settings, jobs_factory=RayJobRunner)
+        app = create_app(self.settings, jobs_factory=RayJobRunner, flagged_factory=ClusterFlaggedImages)
         app.add_middleware(_ReplicaMiddleware, replica=self)
         opened = app.router.lifespan_context
 

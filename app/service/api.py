@@ -14,7 +14,7 @@ from app.service.errors import UnhandledErrorMiddleware, install_error_handlers
 from app.service.limits import BodySizeLimitMiddleware
 from app.service.logging import RequestContextMiddleware, configure_logging
 from app.service.registry import EmbedderFactory
-from app.service.resources import JobsFactory, Resources
+from app.service.resources import FlaggedFactory, JobsFactory, Resources
 from app.service.routes import admin, health, predict, products
 from app.service.settings import Settings, get_settings
 from app.storage import BankStore
@@ -27,18 +27,20 @@ need `X-API-Key` (or `Authorization: Bearer`)."""
 
 def create_app(settings: Settings | None = None, *, store: BankStore | None = None,
                embedder_factory: EmbedderFactory | None = None,
-               jobs_factory: JobsFactory | None = None) -> FastAPI:
+               jobs_factory: JobsFactory | None = None,
+               flagged_factory: FlaggedFactory | None = None) -> FastAPI:
     """Build the app. Nothing heavy here: the resources are opened in the lifespan.
 
-    `store`, `embedder_factory` and `jobs_factory` replace the defaults (another bank store,
-    a test embedder, builds run elsewhere: app.cluster runs them as Ray tasks).
+    `store`, `embedder_factory`, `jobs_factory` and `flagged_factory` replace the defaults
+    (another bank store, a test embedder, builds run elsewhere: app.cluster runs them as Ray
+    tasks; flagged images kept for all replicas in one place).
     """
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         resources = Resources.open(settings, store=store, embedder_factory=embedder_factory,
-                                   jobs_factory=jobs_factory)
+                                   jobs_factory=jobs_factory, flagged_factory=flagged_factory)
         application.state.resources = resources
         try:
             yield

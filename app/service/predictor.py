@@ -24,7 +24,7 @@ from app.service.budget import DECODE_BYTES_PER_PIXEL, MemoryBudget
 from app.service.errors import Overloaded
 from app.service.inference import PredictOptions, PreparedImage, prepare, render, score_prepared
 from app.service.metrics import ServiceMetrics
-from app.service.recent import RecentImages
+from app.service.recent import FlaggedImages, RecentImages
 from app.service.registry import EmbedderFactory, FailedProduct, LoadedProduct, ProductRegistry
 from app.service.settings import Settings
 from app.service.staging import UploadedFile
@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 class Predictor:
     def __init__(self, settings: Settings, store: BankStore, metrics: ServiceMetrics, *,
-                 embedder_factory: EmbedderFactory | None = None):
+                 embedder_factory: EmbedderFactory | None = None,
+                 flagged: FlaggedImages | None = None):
         self.settings = settings
         self.metrics = metrics
         self.registry = ProductRegistry(store, embedder_factory or self._create_embedder,
@@ -48,7 +49,8 @@ class Predictor:
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
         self.backbone_loaded = False
         self.banks_loaded = False
-        self.recent = RecentImages(int(settings.feedback_cache_mb * 1024 * 1024))
+        self.recent: FlaggedImages = flagged if flagged is not None else RecentImages(
+            int(settings.feedback_cache_mb * 1024 * 1024))
         self.device_decode = settings.device_decode
 
     # ---------------------------------------------------------------- lifecycle

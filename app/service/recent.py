@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from app.service.errors import RecentImageNotFound
 from app.service.staging import UploadedFile
@@ -20,6 +21,16 @@ from app.service.staging import UploadedFile
 class RecentImage:
     product: str
     upload: UploadedFile
+
+
+class FlaggedImages(Protocol):
+    """Where the service keeps recently flagged images for feedback by request id: this
+    process's memory (`RecentImages`), or one memory for all of a cluster's replicas
+    (app.cluster.flagged), so feedback finds the image whichever replica answered."""
+
+    def remember(self, request_id: str | None, index: int, product: str, upload: UploadedFile) -> None: ...
+
+    def get(self, product: str, request_id: str, index: int | None) -> UploadedFile: ...
 
 
 class RecentImages:

@@ -25,6 +25,7 @@ from app.service.catalog import ProductCatalog
 from app.service.jobs import BuildParams, JobRunner
 from app.service.metrics import ServiceMetrics
 from app.service.predictor import Predictor
+from app.service.recent import FlaggedImages
 from app.service.registry import EmbedderFactory
 from app.service.settings import Settings
 from app.service.staging import StagingArea
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 # Another host's build runner (Ray: builds as cluster tasks) in place of the in-process one.
 JobsFactory = Callable[[ProductCatalog, Predictor, Settings], JobRunner]
+# A memory of flagged images shared by several processes (Ray: a detached actor) in place of
+# the process's own.
+FlaggedFactory = Callable[[Settings], FlaggedImages]
 
 DEMO_PRODUCT = "demo"
 # How often the store is pinged for readiness: often while it is down, rarely while it is up.
@@ -134,10 +138,12 @@ class Resources:
     @classmethod
     def open(cls, settings: Settings, *, store: BankStore | None = None,
              embedder_factory: EmbedderFactory | None = None,
-             jobs_factory: JobsFactory | None = None) -> Resources:
+             jobs_factory: JobsFactory | None = None,
+             flagged_factory: FlaggedFactory | None = None) -> Resources:
         metrics = ServiceMetrics()
         store = store if store is not None else create_store(settings)
-        predictor = Predictor(settings, store, metrics, embedder_factory=embedder_factory)
+        predictor = Predictor(settings, store, metrics, embedder_factory=embedder_factory,
+                              flagged=flagged_factory(settings) if flagged_factory is not None else None)
         staging = StagingArea(
             settings.staging_dir, max_image_pixels=settings.max_image_pixels,
             max_images=settings.max_staging_images,

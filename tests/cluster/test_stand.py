@@ -195,3 +195,30 @@ def test_killed_replica_costs_no_request_with_retries_and_is_replaced(stand: Sta
             if response.status_code == 200:
                 seen.add(response.headers["x-patchcore-replica"])
         assert len(seen) == 2, seen
+
+
+def test_feedback_by_request_id_finds_the_image_on_any_replica(stand: Stand, versions: list[str]) -> None:
+    """Flagged images are kept once for the cluster (app.cluster.flagged): feedback by the
+    request id of an answer stages the image whichever replica takes the feedback call, also
+    when that is not the replica that flagged it. Last in the module: it stages an image."""
+    image = (DEMO / "defect" / "scratch_000.png").read_bytes()
+    crossed = []
+    with stand.inside(), PatchCoreClient(stand.url, api_key=stand.api_key) as client:
+        for _ in range(30):
+            answer = client._http.post(f"/v1/products/{PRODUCT}/predict", params={"heatmap": "none"},
+                                       content=image, headers={"Content-Type": "image/png"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["results"][0]["is_anomalous"]
+            assert len(answer.headers.get_list("x-request-id")) == 1  # the proxy's id, not twice
+            feedback = client._http.post(f"/v1/admin/products/{PRODUCT}/feedback",
+                                         json={"request_id": answer.headers["x-request-id"], "index": 0})
+            assert feedback.status_code == 201, feedback.text
+            assert feedback.json()["source"] == "recent"
+            if feedback.headers["x-patchcore-replica"] != answer.headers["x-patchcore-replica"]:
+                crossed.append(answer.headers["x-request-id"])
+                if len(crossed) == 2:
+                    break
+        assert crossed, "no feedback call reached the other replica in 30 tries"
+        unknown = client._http.post(f"/v1/admin/products/{PRODUCT}/feedback",
+                                    json={"request_id": "never-answered", "index": 0})
+        assert unknown.status_code == 404, unknown.text

@@ -95,7 +95,8 @@ FEEDBACK_BODY = {
         "required": True,
         "description": "The image of a confirmed false alarm: uploaded (one raw image/* body or "
                        "multipart files), or as JSON naming a recent prediction by the X-Request-ID "
-                       "of its answer (kept in memory, bounded: PATCHCORE_FEEDBACK_CACHE_MB).",
+                       "of its answer (kept in memory, bounded: PATCHCORE_FEEDBACK_CACHE_MB; one memory "
+                       "for all replicas on a Ray cluster).",
         "content": {
             "image/*": {"schema": _FILE},
             "multipart/form-data": {"schema": {
@@ -120,7 +121,8 @@ async def add_feedback(product: ProductDep, request: Request, staging: StagingDe
             body = FeedbackRequest.model_validate_json(await request.body())
         except ValueError as exc:
             raise InvalidUpload(f"feedback JSON must be {{\"request_id\": ..., \"index\": ...}}: {exc}") from exc
-        uploads = [predictor.recent.get(product, body.request_id, body.index)]
+        # In a thread: on a cluster the image is fetched from the replicas' shared memory.
+        uploads = [await run_in_threadpool(predictor.recent.get, product, body.request_id, body.index)]
         source = "recent"
     else:
         uploads = await read_uploads(request, settings.max_images_per_request)
