@@ -86,6 +86,21 @@ def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return int(height), int(width)
 
 
+def probe(device: torch.device) -> str | None:
+    """None when JPEGs decode on `device`, else why not (e.g. a torchvision built without
+    nvJPEG). Decodes one small generated frame: run once at start, so a host whose device
+    cannot decode never tries it per batch."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 60)).save(buffer, "JPEG", quality=90)
+    try:
+        [image] = _decode([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not on this device"
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    if tuple(image.shape) != (3, 24, 32) or image.device.type != device.type:
+        return f"decoded to {tuple(image.shape)} on {image.device}, not (3, 24, 32) on {device}"
+    return None
+
+
 def _decode(encoded: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 

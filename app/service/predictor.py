@@ -15,6 +15,9 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
+from app.core import device_decode
 from app.core.embedding import EmbedderConfig, PatchEmbedder, create_embedder
 from app.core.errors import ImageTooLarge, PatchCoreError
 from app.core.images import probe_image
@@ -60,7 +63,8 @@ class Predictor:
 
     def load(self) -> None:
         """Load the default backbone, then the active bank of every stored product."""
-        self.registry.embedder(EmbedderConfig())
+        embedder = self.registry.embedder(EmbedderConfig())
+        self._check_device_decode(embedder.device)
         self.backbone_loaded = True
         for name in sorted(self.registry.store.products()) if self.settings.preload_banks else []:
             self.registry.load(name)
@@ -148,6 +152,17 @@ class Predictor:
         if anomalous:
             self.metrics.anomalous.labels(loaded.name).inc(anomalous)
         return {"product": loaded.name, "results": results}
+
+    def _check_device_decode(self, device: torch.device) -> None:
+        """Decode one frame on the device before serving: where that fails (a torchvision
+        without nvJPEG, a driver problem), JPEG bodies decode on the CPU, and the log says why."""
+        if self.device_decode == "off" or (self.device_decode == "auto" and device.type != "cuda"):
+            return
+        problem = device_decode.probe(device)
+        if problem is not None:
+            logger.warning("JPEG bodies decode on the CPU: the %s device cannot decode them (%s)",
+                           device, problem)
+            self.device_decode = "off"
 
     def decodes_on_device(self, loaded: LoadedProduct) -> bool:
         """Whether this product's JPEG bodies are decoded by the batch worker on its device."""

@@ -124,3 +124,13 @@ def test_chunks_bound_the_pixels_decoded_at_once(frame, lite0, monkeypatch):
     assert calls == [5, 2, 2, 1]
     for a, b in zip(whole, chunked, strict=True):
         assert a is not None and b is not None and torch.equal(a, b)
+
+
+def test_the_start_probe_says_why_a_device_cannot_decode(monkeypatch):
+    assert device_decode.probe(CPU) is None
+
+    def broken(encoded, device):
+        raise RuntimeError("torchvision not compiled with nvJPEG support")
+
+    monkeypatch.setattr(device_decode, "_decode", broken)
+    assert "nvJPEG" in device_decode.probe(CPU)

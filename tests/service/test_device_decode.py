@@ -149,3 +149,17 @@ def _framed_model(model, framing):
     framed = copy.copy(model)
     framed.framing = framing
     return framed
+
+
+def test_a_device_that_fails_the_start_probe_leaves_jpegs_on_the_cpu(server, bottle_job, monkeypatch, caplog):
+    from app.core import device_decode
+
+    predictor = server.state.predictor
+    bottle = predictor.get("bottle")
+    with _device_decode(server, "always"):
+        predictor._check_device_decode(bottle.embedder.device)
+        assert predictor.device_decode == "always", "the CPU passes the probe"
+        monkeypatch.setattr(device_decode, "_decode", lambda encoded, device: [])
+        predictor._check_device_decode(bottle.embedder.device)
+        assert predictor.device_decode == "off" and not predictor.decodes_on_device(bottle)
+        assert "JPEG bodies decode on the CPU" in caplog.text
