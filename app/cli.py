@@ -37,6 +37,16 @@ def _map_sigma(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     from app.core.backbones import BACKBONES, DEFAULT_BACKBONE
     from app.core.embedding import AGGREGATIONS
@@ -274,7 +284,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from app.cluster.serve_app import deploy
 
         deploy(address=args.address, host=args.host, port=args.port, replicas=args.replicas,
-               num_cpus=args.num_cpus, detach=args.detach)
+               num_cpus=args.num_cpus, num_gpus=args.num_gpus, detach=args.detach)
         return 0
     from app.service.api import serve
 
@@ -341,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ray: the cluster to join (HOST:PORT or auto); default starts a local one")
     serve.add_argument("--replicas", type=int, default=None, help="ray: fixed replicas (default autoscaling 1-4)")
     serve.add_argument("--num-cpus", type=float, default=1.0, help="ray: CPUs reserved per replica")
+    serve.add_argument("--num-gpus", type=_non_negative_float, default=None,
+                       help="ray: GPUs per replica, a fraction to share one (0.25: four replicas per GPU, "
+                            "each its own process); default 1 when the cluster has a GPU, else 0")
     serve.add_argument("--detach", action="store_true",
                        help="ray: return once deployed; the app stays on the cluster")
     serve.set_defaults(func=cmd_serve)

@@ -143,3 +143,24 @@ def test_serve_configs_pass_ray_serves_schema(source: str) -> None:
     assert options["autoscaling_config"]["min_replicas"] <= options["autoscaling_config"]["max_replicas"]
     if source == "rayservice.yaml":
         assert options["ray_actor_options"]["num_gpus"] == 1.0
+
+
+def test_serve_cli_shares_one_gpu_between_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --engine ray --replicas 4 --num-gpus 0.25`: four replica processes on one GPU (the
+    way to fill a GPU that one process cannot: README, GPU path). No GPU here: the options are
+    checked, the deployment is not run."""
+    pytest.importorskip("ray.serve", reason="ray is not installed (pip install -e '.[ray]')")
+    from app import cli
+    from app.cluster import serve_app
+
+    deployed: dict = {}
+    monkeypatch.setattr(serve_app, "deploy", lambda **kwargs: deployed.update(kwargs))
+    assert cli.main(["serve", "--engine", "ray", "--replicas", "4", "--num-gpus", "0.25"]) == 0
+    assert deployed["replicas"] == 4 and deployed["num_gpus"] == 0.25
+    options = serve_app.build_options({"replicas": deployed["replicas"], "num_cpus": deployed["num_cpus"],
+                                       "num_gpus": deployed["num_gpus"]})
+    assert options["num_replicas"] == 4 and options["ray_actor_options"]["num_gpus"] == 0.25
+    for bad in ("-1", "nan", "many"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["serve", "--engine", "ray", "--num-gpus", bad])
+        assert exited.value.code == 2

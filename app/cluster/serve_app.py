@@ -225,7 +225,7 @@ def build(args: dict[str, Any] | None = None) -> Any:
 
 
 def deploy(*, address: str | None, host: str, port: int, replicas: int | None, num_cpus: float,
-           detach: bool) -> None:
+           detach: bool, num_gpus: float | None = None) -> None:
     """Start (or join) a Ray cluster, start Serve's HTTP proxy on host:port, deploy the app.
 
     With `detach` it returns once the app is running (it stays on the cluster);
@@ -235,15 +235,18 @@ def deploy(*, address: str | None, host: str, port: int, replicas: int | None, n
 
     import ray
 
+    from app.cluster.flagged import flagged_board
     from app.cluster.jobs import job_board
 
     ray.init(address=address, namespace="serve", configure_logging=False,
              include_dashboard=False if address is None else None)
     settings = replica_settings()
-    job_board(settings.max_finished_jobs)  # created before the first replica needs it
+    # Created before the first replica needs them.
+    job_board(settings.max_finished_jobs)
+    flagged_board(int(settings.feedback_cache_mb * 1024 * 1024))
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-    serve.run(build({"replicas": replicas, "num_cpus": num_cpus}), name=APP_NAME, route_prefix="/",
-              blocking=False)
+    serve.run(build({"replicas": replicas, "num_cpus": num_cpus, "num_gpus": num_gpus}), name=APP_NAME,
+              route_prefix="/", blocking=False)
     logger.info("patchcore is running on Ray Serve at http://%s:%d", host, port)
     if detach:
         return
