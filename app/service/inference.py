@@ -103,8 +103,8 @@ def _prepare_on_cpu(product: LoadedProduct, data: bytes, max_pixels: int | None,
 def score_prepared(items: Sequence[PreparedImage]) -> list[Prediction | Exception]:
     """The batch function of the one worker that owns the device (app.core's batch API).
 
-    JPEGs left encoded are decoded on their model's device first, one decoder call per
-    device for the whole batch; a frame the device decoder refuses is decoded on the CPU
+    JPEGs left encoded are decoded on their model's device first, one decoder call for
+    all of the batch's images that share a backbone configuration; a frame the device decoder refuses is decoded on the CPU
     here, and one the CPU refuses too fails alone (its client gets the CPU path's 4xx)."""
     tensors: list[torch.Tensor | Exception | None] = [i.tensor for i in items]
     by_embedder: dict[int, list[int]] = {}
