@@ -40,7 +40,7 @@ def encoded(bottle_good) -> dict[str, bytes]:
 
 @st.composite
 def mutations(draw, originals: dict[str, bytes]) -> bytes:
-    data = bytearray(originals[draw(st.sampled_from(FORMATS))])
+    data = bytearray(originals[draw(st.sampled_from(list(originals)))])
     kind = draw(st.sampled_from(["truncate", "flip", "header", "zero_run", "splice"]))
     if kind == "truncate":
         del data[draw(st.integers(0, len(data) - 1)):]
@@ -108,3 +108,40 @@ def test_mutated_images_over_http_are_200_or_4xx(tmp_path, encoded, tile_bank):
         stop_server(live)
     print(f"mutated images over HTTP: {sorted(outcomes.items())}")
     assert outcomes.get(200, 0) + sum(v for k, v in outcomes.items() if 400 <= k < 500) == sum(outcomes.values())
+
+
+@pytest.mark.slow
+def test_mutated_jpegs_decoded_on_the_device_path_are_200_or_4xx(tmp_path, encoded, tile_bank):
+    """The same over the device decode path (PATCHCORE_DEVICE_DECODE=always runs it on the CPU):
+    a mutated JPEG that passes the header check reaches the batch worker's decoder, and a frame
+    the decoder refuses or misreads goes to the CPU path. Never a 5xx, and never another
+    image's answer: every 200 is for a frame of the original's size."""
+    from app.storage import LocalBankStore
+
+    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
+    live = start_server(test_settings(tmp_path, device_decode="always"))
+    outcomes: dict[int, int] = {}
+    jpeg_only = {"JPEG": encoded["JPEG"]}
+    try:
+        with live.client() as http:
+            @given(body=mutations(jpeg_only))
+            @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))
+            def run(body: bytes) -> None:
+                response = http.post("/v1/products/tile/predict", content=body,
+                                     headers={"Content-Type": "image/jpeg"}, params={"heatmap": "png"})
+                outcomes[response.status_code] = outcomes.get(response.status_code, 0) + 1
+                assert response.status_code == 200 or 400 <= response.status_code < 500, (
+                    response.status_code, response.text[:300])
+                if response.status_code != 200:
+                    assert response.json()["error"]["code"] in ("invalid_image", "image_too_large", "empty_body")
+
+            run()
+            assert live.state.predictor.device_decode == "always"
+            ok = http.post("/v1/products/tile/predict", content=encoded["JPEG"],
+                           headers={"Content-Type": "image/jpeg"}, params={"heatmap": "none"})
+            assert ok.status_code == 200
+    finally:
+        stop_server(live)
+    print(f"mutated JPEGs over the device path: {sorted(outcomes.items())}")
+    assert outcomes.get(200, 0) > 0 and sum(v for k, v in outcomes.items() if 400 <= k < 500) > 0
