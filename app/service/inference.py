@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -100,12 +100,15 @@ def _prepare_on_cpu(product: LoadedProduct, data: bytes, max_pixels: int | None,
     return PreparedImage(product, tensor, size, map_size, time.perf_counter() - started, kept)
 
 
-def score_prepared(items: Sequence[PreparedImage]) -> list[Prediction | Exception]:
+def score_prepared(items: Sequence[PreparedImage],
+                   on_device_decode: Callable[[int, int], None] | None = None) -> list[Prediction | Exception]:
     """The batch function of the one worker that owns the device (app.core's batch API).
 
     JPEGs left encoded are decoded on their model's device first, one decoder call for
-    all of the batch's images that share a backbone configuration; a frame the device decoder refuses is decoded on the CPU
-    here, and one the CPU refuses too fails alone (its client gets the CPU path's 4xx)."""
+    all of the batch's images that share a backbone configuration; a frame the device
+    decoder refuses is decoded on the CPU here, and one the CPU refuses too fails alone
+    (its client gets the CPU path's 4xx).
+    `on_device_decode(decoded, fell_back)` hears how many took each way (metrics)."""
     tensors: list[torch.Tensor | Exception | None] = [i.tensor for i in items]
     by_embedder: dict[int, list[int]] = {}
     for index, item in enumerate(items):
@@ -123,6 +126,9 @@ def score_prepared(items: Sequence[PreparedImage]) -> list[Prediction | Exceptio
             decoded = [None] * len(indices)
         for i, tensor in zip(indices, decoded, strict=True):
             tensors[i] = tensor if tensor is not None else _decode_on_cpu(items[i])
+        if on_device_decode is not None:
+            fell_back = sum(1 for tensor in decoded if tensor is None)
+            on_device_decode(len(indices) - fell_back, fell_back)
     results: list[Prediction | Exception | None] = [None] * len(items)
     ready = [i for i, t in enumerate(tensors) if isinstance(t, torch.Tensor)]
     for i, t in enumerate(tensors):

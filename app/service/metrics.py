@@ -45,6 +45,13 @@ class ServiceMetrics:
                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.dropped_total = Counter("patchcore_dropped_images_total",
                                "Images dropped before compute", ["reason"], registry=r)
+        self.device_decoded_total = Counter(
+            "patchcore_device_decoded_images_total",
+            "JPEG bodies decoded on the model's device (PATCHCORE_DEVICE_DECODE)", registry=r)
+        self.device_decode_fallbacks = Counter(
+            "patchcore_device_decode_fallbacks_total",
+            "JPEG bodies sent to the device decoder that it refused, decoded on the CPU instead",
+            registry=r)
         self.rejected = Counter("patchcore_rejected_requests_total",
                                 "Predict requests refused because the queue was full", registry=r)
         self.images = Counter("patchcore_images_predicted_total", "Images scored",
@@ -76,6 +83,10 @@ class ServiceMetrics:
 
     def dropped(self, reason: str, count: int) -> None:  # BatchObserver protocol
         self.dropped_images(reason, count)
+
+    def device_decoded(self, decoded: int, fell_back: int) -> None:
+        self.device_decoded_total.inc(decoded)
+        self.device_decode_fallbacks.inc(fell_back)
 
     # --------------------------------------------------------------- wiring
     def track_queue(self, depth: Callable[[], int], capacity: int) -> None:

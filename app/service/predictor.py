@@ -10,6 +10,7 @@ knows about HTTP, so another host (a Ray Serve replica) runs it unchanged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -44,7 +45,8 @@ class Predictor:
         self.registry = ProductRegistry(store, embedder_factory or self._create_embedder,
                                         on_change=self._banks_changed)
         self.batcher: MicroBatcher[PreparedImage, Prediction] = MicroBatcher(
-            score_prepared, max_batch_size=settings.max_batch_size,
+            functools.partial(score_prepared, on_device_decode=metrics.device_decoded),
+            max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size, observer=metrics)
         metrics.track_queue(lambda: self.batcher.depth, settings.queue_size)
         # Decode/validate/resize and heatmap rendering: CPU work kept off the event loop.

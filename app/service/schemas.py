@@ -46,9 +46,11 @@ class Heatmap(BaseModel):
 
 
 class ImageTimings(BaseModel):
-    decode_ms: float = Field(description="decode, validate and resize, before the queue")
+    decode_ms: float = Field(description="decode, validate and resize, before the queue (a JPEG "
+                                         "decoded on the GPU: its header check only)")
     queued_ms: float = Field(description="waiting in the queue for a batch")
-    compute_ms: float = Field(description="the batch's backbone + kNN time")
+    compute_ms: float = Field(description="the batch's backbone + kNN time (with the device decode "
+                                          "of its JPEGs, PATCHCORE_DEVICE_DECODE)")
     render_ms: float
     batch_size: int
 

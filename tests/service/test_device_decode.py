@@ -17,6 +17,8 @@ from app.core.errors import InvalidImage
 from app.core.images import decode_image
 from app.service.inference import prepare, score_prepared
 
+from .conftest import metric_value
+
 pytestmark = pytest.mark.slow
 
 
@@ -115,6 +117,11 @@ def test_device_decoded_jpegs_through_http(server, http, bottle_job, bottle_good
         ok = http.post("/v1/products/bottle/predict?heatmap=none", content=good,
                        headers={"Content-Type": "image/jpeg"})
         assert ok.status_code == 200 and not ok.json()["results"][0]["is_anomalous"]
+
+    # Operators see which way JPEG bodies went: the unreadable one fell back to the CPU.
+    text = http.get("/metrics").text
+    assert metric_value(text, "patchcore_device_decoded_images_total") >= 3
+    assert metric_value(text, "patchcore_device_decode_fallbacks_total") >= 1
 
 
 def _b64(text: str) -> bytes:
