@@ -46,6 +46,11 @@ class ProductCatalog:
     def exists(self, product: str) -> bool:
         return self.predictor.registry.knows(product) or product in self.store.products()
 
+    def not_loaded(self) -> list[str]:
+        """Products in the store that this process neither serves nor failed to load."""
+        registry = self.predictor.registry
+        return sorted(p for p in self.store.products() if not registry.knows(p))
+
     def versions(self, product: str) -> list[str]:
         return [str(v) for v in self.store.versions(product)]
 
@@ -55,6 +60,10 @@ class ProductCatalog:
             info = registry.loaded()[product].describe()
         elif product in registry.failed():
             info = registry.failed()[product].describe()
+        elif product in self.store.products():
+            # In the store, not loaded by this process (a Ray replica loads banks on first use;
+            # the single process loads at start what was there then).
+            info = {"name": product, "status": "stored"}
         else:
             raise ProductNotFound(f"no product named {product!r}")
         try:

@@ -77,7 +77,10 @@ class PredictResponse(BaseModel):
 
 class ProductInfo(BaseModel):
     name: str
-    status: Literal["loaded", "failed"]
+    status: Literal["loaded", "failed", "stored"] = Field(description="loaded: served by the "
+                                                        "process that answered; failed: its bank did not "
+                                                        "load; stored: in the bank store, not loaded by "
+                                                        "that process (a Ray replica loads on first use)")
     version: str | None = Field(default=None, description="the served version (absent when "
                                 "no version could be loaded)")
     backbone: str | None = None
@@ -102,6 +105,9 @@ class ProductInfo(BaseModel):
 class ProductList(BaseModel):
     products: list[ProductInfo]
     failed: list[ProductInfo]
+    stored: list[ProductInfo] | None = Field(
+        default=None, description="products in the bank store that the answering process has not "
+                                  "loaded (absent while the store cannot be read)")
 
 
 class StagedImageInfo(BaseModel):

@@ -110,6 +110,20 @@ def test_build_on_the_cluster_scores_like_the_single_process(stand: Stand, versi
         assert r["is_anomalous"] == one["is_anomalous"]
 
 
+def test_every_replica_lists_every_product(stand: Stand, versions: list[str]) -> None:
+    """A replica loads banks on first use, yet its product listing names every product in the
+    store: loaded there, or `stored` (before, a replica listed only the banks it held)."""
+    seen: dict[str, str] = {}
+    with stand.inside(), PatchCoreClient(stand.url) as client:
+        for _ in range(12):
+            response = client._http.get("/v1/products")
+            listing = response.json()
+            statuses = {p["name"]: p["status"] for p in listing["products"] + listing["stored"]}
+            assert statuses.get(PRODUCT) in ("loaded", "stored"), listing
+            seen[response.headers["x-patchcore-replica"]] = statuses[PRODUCT]
+    assert len(seen) == 2, seen  # both replicas answered
+
+
 def test_cancel_a_cluster_build(stand: Stand, versions: list[str]) -> None:
     with stand.inside(), PatchCoreClient(stand.url, api_key=stand.api_key) as client:
         job = client.start_build(PRODUCT, coreset_ratio=0.1, seed=2)

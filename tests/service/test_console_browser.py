@@ -202,6 +202,24 @@ def test_products_lists_a_bank_that_failed_to_load_with_its_reason(browser, cons
     assert cells[2:6] == [demo["version"], demo["backbone"], f"{demo['bank_size']:,}", f"{demo['threshold']:.4f}"]
 
 
+def test_products_lists_a_bank_stored_by_another_process(browser, console_server, api):
+    """A bank saved into the store behind the service (the CLI, a Ray build) shows as
+    `stored`, and its detail says why it is not served."""
+    from app.storage import LocalBankStore
+
+    store = LocalBankStore(console_server.state.settings.models_dir)
+    store.save("spare", store.load("demo")[1])
+    try:
+        open_console(browser, console_server, "products")
+        row = "#products-body tr[data-product=spare]"
+        wait(browser, lambda d: css(d, f"{row} .pill.stored"), 10, "stored bank not listed")
+        assert "not loaded" in css(browser, f"{row} td.reason")[0].text
+        click(browser, row)
+        wait(browser, lambda d: "not loaded" in by_id(d, "detail-reason").text, 10, "no reason in the detail")
+    finally:
+        assert api.delete("/v1/admin/products/spare", headers=ADMIN).status_code == 204
+
+
 def test_a_wrong_admin_key_shows_an_error_and_keeps_admin_hidden(browser, console_server, shots):
     open_console(browser, console_server, "products")
     assert not css(browser, "#tabs a[data-view=build]")[0].is_displayed()

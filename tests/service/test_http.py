@@ -290,3 +290,28 @@ def test_framing_through_the_admin_api(http, bottle_train, bottle_defect):
     assert (heat[outside] == zero).all()
     assert (heat[roi[1] + 2:roi[3] - 2, roi[0] + 2:roi[2] - 2] != zero).any()
     assert http.delete("/v1/admin/products/framed", headers=ADMIN).status_code in (200, 204)
+
+
+def test_a_product_stored_behind_the_service_is_listed_as_stored(server, http, tile_bank):
+    """A bank another process put in the store (the CLI, another service, a Ray build) is
+    listed as `stored` until this process loads it; activating a version serves it."""
+    from app.storage import LocalBankStore
+
+    version = str(LocalBankStore(server.state.settings.models_dir).save("sideways", tile_bank))
+    try:
+        listing = http.get("/v1/products").json()
+        assert {"name": "sideways", "status": "stored"} in listing["stored"]
+        assert "sideways" not in [p["name"] for p in listing["products"] + listing["failed"]]
+        assert all(s["name"] not in ("bottle", "demo") for s in listing["stored"])
+        detail = http.get("/v1/products/sideways").json()
+        assert detail["status"] == "stored" and detail["versions"] == [version]
+        assert detail["active_version"] == version
+
+        activated = http.post("/v1/admin/products/sideways/activate", headers=ADMIN, json={"version": version})
+        assert activated.status_code == 200, activated.text
+        listing = http.get("/v1/products").json()
+        assert "sideways" in [p["name"] for p in listing["products"]]
+        assert "sideways" not in [s["name"] for s in listing["stored"]]
+    finally:
+        assert http.delete("/v1/admin/products/sideways", headers=ADMIN).status_code == 204
+    assert "sideways" not in str(http.get("/v1/products").json())

@@ -21,6 +21,7 @@
     adminOpen: false,
     products: [],
     failed: [],
+    stored: [],
     selected: null,
     jobId: null,
     jobTimer: null,
@@ -303,6 +304,7 @@
     if (seq !== productsSeq) return;
     state.products = data.products;
     state.failed = data.failed;
+    state.stored = data.stored || [];
     const rows = [];
     for (const p of data.products) {
       const row = el("tr", { cls: "clickable", data: { product: p.name } }, [
@@ -330,6 +332,18 @@
       row.addEventListener("click", () => selectProduct(f.name));
       rows.push(row);
     }
+    for (const s of state.stored) {
+      const note = el("td", { cls: "reason", text: "in the bank store, not loaded by the process that answered" });
+      note.colSpan = 5;
+      const row = el("tr", { cls: "clickable", data: { product: s.name } }, [
+        cell(s.name),
+        el("td", {}, [el("span", { cls: "pill stored", text: "stored" })]),
+        cell("-", "version"),
+        note,
+      ]);
+      row.addEventListener("click", () => selectProduct(s.name));
+      rows.push(row);
+    }
     $("products-body").replaceChildren(...rows);
     $("products-empty").hidden = rows.length > 0;
     for (const row of rows) row.classList.toggle("selected", row.dataset.product === state.selected);
@@ -344,7 +358,7 @@
     select.replaceChildren(...names.map((n) => el("option", { text: n })));
     if (names.includes(previous)) select.value = previous;
     else if (names.includes("demo")) select.value = "demo";
-    const all = names.concat(state.failed.map((f) => f.name));
+    const all = names.concat(state.failed.map((f) => f.name), state.stored.map((s) => s.name));
     $("product-names").replaceChildren(...all.map((n) => {
       const option = el("option");
       option.value = n;
@@ -378,7 +392,8 @@
     if (seq !== detailSeq) return;
     panel.hidden = false;
     $("detail-name").textContent = name;
-    show($("detail-reason"), info.status === "failed" ? `${info.error_code}: ${info.reason}` : "");
+    show($("detail-reason"), info.status === "failed" ? `${info.error_code}: ${info.reason}`
+      : info.status === "stored" ? "in the bank store, not loaded by the process that answered" : "");
     const versions = (info.versions || []).slice().reverse(); // newest first
     const rows = versions.map((version) => {
       const active = version === info.version && info.status === "loaded";
