@@ -165,6 +165,9 @@ class Predictor:
             logger.warning("JPEG bodies decode on the CPU: the %s device cannot decode them (%s)",
                            device, problem)
             self.device_decode = "off"
+        else:
+            logger.info("JPEG bodies decode on the %s device (PATCHCORE_DEVICE_DECODE=%s)", device,
+                        self.device_decode)
 
     def decodes_on_device(self, loaded: LoadedProduct) -> bool:
         """Whether this product's JPEG bodies are decoded by the batch worker on its device."""

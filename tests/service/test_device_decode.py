@@ -164,8 +164,10 @@ def test_a_device_that_fails_the_start_probe_leaves_jpegs_on_the_cpu(server, bot
     predictor = server.state.predictor
     bottle = predictor.get("bottle")
     with _device_decode(server, "always"):
-        predictor._check_device_decode(bottle.embedder.device)
+        with caplog.at_level("INFO", logger="app.service.predictor"):
+            predictor._check_device_decode(bottle.embedder.device)
         assert predictor.device_decode == "always", "the CPU passes the probe"
+        assert "JPEG bodies decode on the cpu device" in caplog.text
         monkeypatch.setattr(device_decode, "_decode", lambda encoded, device: [])
         predictor._check_device_decode(bottle.embedder.device)
         assert predictor.device_decode == "off" and not predictor.decodes_on_device(bottle)
