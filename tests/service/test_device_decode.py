@@ -135,12 +135,10 @@ def test_a_region_of_interest_frames_device_decoded_jpegs(server, bottle_job, bo
     import dataclasses
 
     from app.core.framing import Framing
-    from app.service.registry import LoadedProduct
 
     bottle = server.state.predictor.get("bottle")
-    model = _framed_model(bottle.model, Framing(mode="roi", roi=(100, 80, 820, 860)))
-    framed = dataclasses.replace(bottle, model=model) if dataclasses.is_dataclass(bottle) else \
-        LoadedProduct(bottle.name, bottle.version, model, bottle.info)
+    framed = dataclasses.replace(bottle, model=_framed_model(bottle.model,
+                                                             Framing(mode="roi", roi=(100, 80, 820, 860))))
     data = _jpeg(bottle_good[1])
     on_cpu, on_device = score_prepared([prepare(framed, data, 10_000_000, False),
                                         prepare(framed, data, 10_000_000, False, device_decode=True)])
@@ -172,3 +170,19 @@ def test_a_device_that_fails_the_start_probe_leaves_jpegs_on_the_cpu(server, bot
         predictor._check_device_decode(bottle.embedder.device)
         assert predictor.device_decode == "off" and not predictor.decodes_on_device(bottle)
         assert "JPEG bodies decode on the CPU" in caplog.text
+
+
+def test_a_region_of_interest_outside_the_frame_is_refused_as_on_the_cpu(server, bottle_job, bottle_good):
+    import dataclasses
+
+    from app.core.framing import Framing
+
+    bottle = server.state.predictor.get("bottle")
+    framed = dataclasses.replace(bottle, model=_framed_model(bottle.model, Framing(mode="roi",
+                                                                                   roi=(950, 950, 999, 999))))
+    data = _jpeg(bottle_good[0])  # 900x900: the region lies outside it
+    with pytest.raises(InvalidImage) as on_cpu:
+        prepare(framed, data, 10_000_000, False)
+    with pytest.raises(InvalidImage) as on_device:
+        prepare(framed, data, 10_000_000, False, device_decode=True)
+    assert str(on_device.value) == str(on_cpu.value)
