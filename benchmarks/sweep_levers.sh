@@ -46,3 +46,6 @@ done
 run magnetic_tile e4_flatten64 --train-every 4
 run magnetic_tile e4_size256 --train-every 4 --image-size 256
 run magnetic_tile e4_sd16 --train-every 4 --stage-dim 16
+# Is the bank's size magnetic_tile's limit? A quarter and all of the patches (stop 18).
+run magnetic_tile e4_coreset0.25 --train-every 4 --coreset-ratio 0.25
+run magnetic_tile e4_coreset1.0 --train-every 4 --coreset-ratio 1.0
