@@ -158,7 +158,7 @@ class Predictor:
     def _check_device_decode(self, device: torch.device) -> None:
         """Decode one frame on the device before serving: where that fails (a torchvision
         without nvJPEG, a driver problem), JPEG bodies decode on the CPU, and the log says why."""
-        if self.device_decode == "off" or (self.device_decode == "auto" and device.type != "cuda"):
+        if not self._decodes_on(device):
             return
         problem = device_decode.probe(device)
         if problem is not None:
@@ -171,8 +171,11 @@ class Predictor:
 
     def decodes_on_device(self, loaded: LoadedProduct) -> bool:
         """Whether this product's JPEG bodies are decoded by the batch worker on its device."""
-        mode = self.device_decode
-        return mode == "always" or (mode == "auto" and loaded.embedder.device.type == "cuda")
+        return self._decodes_on(loaded.embedder.device)
+
+    def _decodes_on(self, device: torch.device) -> bool:
+        """PATCHCORE_DEVICE_DECODE applied to a device: "auto" means a CUDA device."""
+        return self.device_decode == "always" or (self.device_decode == "auto" and device.type == "cuda")
 
     # ---------------------------------------------------------------- internals
     def _check_pixel_budget(self, uploads: Sequence[UploadedFile]) -> list[int]:

@@ -77,29 +77,38 @@ def test_every_mutation_decodes_or_is_a_client_error(encoded):
     run()
 
 
+def _post_mutations(http, originals: dict[str, bytes], examples: int, content_type: str,
+                    params: dict[str, str]) -> dict[int, int]:
+    """POST `examples` mutations of `originals` to the tile product; every answer must be 200 or
+    one of the client errors. Returns the count of each status code."""
+    outcomes: dict[int, int] = {}
+
+    @given(data=mutations(originals))
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def run(data: bytes) -> None:
+        response = http.post("/v1/products/tile/predict", content=data,
+                             headers={"Content-Type": content_type}, params=params)
+        outcomes[response.status_code] = outcomes.get(response.status_code, 0) + 1
+        assert response.status_code == 200 or 400 <= response.status_code < 500, (
+            response.status_code, response.text[:300])
+        if response.status_code != 200:
+            assert response.json()["error"]["code"] in ("invalid_image", "image_too_large", "empty_body")
+
+    run()
+    return outcomes
+
+
 @pytest.mark.slow
 def test_mutated_images_over_http_are_200_or_4xx(tmp_path, encoded, tile_bank):
     from app.storage import LocalBankStore
 
     LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
     live = start_server(test_settings(tmp_path))
-    outcomes: dict[int, int] = {}
     try:
         with live.client() as http:
-            @given(data=mutations(encoded))
-            @settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                      suppress_health_check=list(HealthCheck))
-            def run(data: bytes) -> None:
-                response = http.post("/v1/products/tile/predict", content=data,
-                                     headers={"Content-Type": "application/octet-stream"},
-                                     params={"heatmap": "overlay", "regions": "true"})
-                outcomes[response.status_code] = outcomes.get(response.status_code, 0) + 1
-                assert response.status_code == 200 or 400 <= response.status_code < 500, (
-                    response.status_code, response.text[:300])
-                if response.status_code != 200:
-                    assert response.json()["error"]["code"] in ("invalid_image", "image_too_large", "empty_body")
-
-            run()
+            outcomes = _post_mutations(http, encoded, 300, "application/octet-stream",
+                                       {"heatmap": "overlay", "regions": "true"})
             # The same keep-alive connection still serves.
             ok = http.post("/v1/products/tile/predict", content=encoded["PNG"],
                            headers={"Content-Type": "image/png"}, params={"heatmap": "none"})
@@ -114,29 +123,14 @@ def test_mutated_images_over_http_are_200_or_4xx(tmp_path, encoded, tile_bank):
 def test_mutated_jpegs_decoded_on_the_device_path_are_200_or_4xx(tmp_path, encoded, tile_bank):
     """The same over the device decode path (PATCHCORE_DEVICE_DECODE=always runs it on the CPU):
     a mutated JPEG that passes the header check reaches the batch worker's decoder, and a frame
-    the decoder refuses or misreads goes to the CPU path. Never a 5xx, and never another
-    image's answer: every 200 is for a frame of the original's size."""
+    the decoder refuses goes to the CPU path. Never a 5xx."""
     from app.storage import LocalBankStore
 
     LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
     live = start_server(test_settings(tmp_path, device_decode="always"))
-    outcomes: dict[int, int] = {}
-    jpeg_only = {"JPEG": encoded["JPEG"]}
     try:
         with live.client() as http:
-            @given(body=mutations(jpeg_only))
-            @settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                      suppress_health_check=list(HealthCheck))
-            def run(body: bytes) -> None:
-                response = http.post("/v1/products/tile/predict", content=body,
-                                     headers={"Content-Type": "image/jpeg"}, params={"heatmap": "png"})
-                outcomes[response.status_code] = outcomes.get(response.status_code, 0) + 1
-                assert response.status_code == 200 or 400 <= response.status_code < 500, (
-                    response.status_code, response.text[:300])
-                if response.status_code != 200:
-                    assert response.json()["error"]["code"] in ("invalid_image", "image_too_large", "empty_body")
-
-            run()
+            outcomes = _post_mutations(http, {"JPEG": encoded["JPEG"]}, 200, "image/jpeg", {"heatmap": "png"})
             assert live.state.predictor.device_decode == "always"
             ok = http.post("/v1/products/tile/predict", content=encoded["JPEG"],
                            headers={"Content-Type": "image/jpeg"}, params={"heatmap": "none"})
