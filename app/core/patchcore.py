@@ -320,6 +320,16 @@ def base_lineage(manifest: dict) -> dict:
                        "patches": patches}]}
 
 
+def bank_framing(manifest: dict) -> Framing:
+    """The framing a bank's patches were embedded with. Append builds before this
+    release wrote it only inside "config" (and embedded their new images whole), so
+    that copy is read when the top-level one is missing."""
+    stored = manifest.get("framing")
+    if stored is None:
+        stored = (manifest.get("config") or {}).get("framing")
+    return Framing.from_dict(stored)
+
+
 def append_config(base_bank: MemoryBank, **overrides: Any) -> PatchCoreConfig:
     """The base bank's own build config with `overrides` (e.g. coreset_ratio, seed, batch_size)."""
     stored = dict(base_bank.manifest.get("config") or {})
@@ -381,6 +391,8 @@ def append_to_bank(
     base_config = base_bank.manifest.get("config") or {}
     if int(base_config.get("reweight_neighbours", 0)) != config.reweight_neighbours:
         raise ValueError("reweight_neighbours must stay that of the base bank (its stored scores use it)")
+    if config.framing != bank_framing(base_bank.manifest):
+        raise ValueError("the framing must stay that of the base bank (its patches were embedded with it)")
     report = progress or (lambda phase, fraction: None)
     timings: dict[str, float] = {}
     lineage = base_lineage(base_bank.manifest)
@@ -399,7 +411,8 @@ def append_to_bank(
 
     start = time.perf_counter()
     sources = [new_images[i] for i in np.concatenate([fit_ids, holdout_ids])]
-    features = embed_images(embedder, sources, config.batch_size, lambda f: report("features", f), should_stop)
+    features = embed_images(embedder, sources, config.batch_size, lambda f: report("features", f), should_stop,
+                            config.framing)
     fit_features, holdout_features = features[:len(fit_ids) * per_image], features[len(fit_ids) * per_image:]
     timings["features_s"] = time.perf_counter() - start
 
@@ -474,6 +487,7 @@ def append_to_bank(
         "software_version": __version__,
         "embedder": {**config.embedder.to_dict(), "feature_dim": embedder.feature_dim,
                      "stage_channels": list(embedder.stage_channels)},
+        "framing": config.framing.to_dict(),
         "config": config.to_dict(),
         "coreset": {"ratio": None if config.coreset_size is not None else config.coreset_ratio,
                     "size": int(bank_features.shape[0]), "total_patches": lineage["total_patches"],
@@ -519,7 +533,7 @@ class PatchCoreModel:
         config = bank.manifest.get("config", {})
         self.reweight_neighbours = int(config.get("reweight_neighbours", 0))
         self.top_k = int(config.get("top_k", 1))
-        self.framing = Framing.from_dict(bank.manifest.get("framing"))
+        self.framing = bank_framing(bank.manifest)
         try:  # a bank file is input like any other: an absurd sigma would stall every predict
             self.gaussian_sigma = check_map_sigma(float(config.get("gaussian_sigma",
                                                                    PatchCoreConfig.gaussian_sigma)))

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from app.core.bank import MemoryBank
 from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import PatchCoreError
-from app.core.framing import Framing
-from app.core.patchcore import PatchCoreConfig, PatchCoreModel
+from app.core.patchcore import PatchCoreConfig, PatchCoreModel, bank_framing
 from app.service.errors import ProductNotFound, ProductUnavailable, status_and_code
 from app.storage import BankStore
 
@@ -36,7 +35,7 @@ def describe_bank(bank: MemoryBank) -> dict:
         "backbone": embedder.get("backbone"),
         "image_size": embedder.get("image_size"),
         "patch_size": embedder.get("patch_size"),
-        "framing": Framing.from_dict(manifest.get("framing")).to_dict(),
+        "framing": bank_framing(manifest).to_dict(),
         "false_alarm_rate": calibration.get("false_alarm_rate"),
         "map_sigma": (manifest.get("config") or {}).get("gaussian_sigma", PatchCoreConfig.gaussian_sigma),
         "bank_size": int(manifest.get("bank_size", len(bank.features))),

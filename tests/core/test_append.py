@@ -1,5 +1,7 @@
 """Append builds on real bottle images (../shared/data): a base bank from 12 images, 4 new ones."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from app.core.coreset import random_projection, select_coreset
 from app.core.embedding import EmbedderConfig
 from app.core.errors import BankIncompatible, NotEnoughImages
+from app.core.framing import Framing
 from app.core.images import decode_image, list_images
 from app.core.patchcore import (
     PatchCoreConfig,
@@ -160,3 +163,24 @@ def test_banks_without_lineage_or_radius_still_append(base, images, lite0_small)
     assert bank.manifest["lineage"]["steps"][-1]["stopped_by"] == "size"  # no radius to stop at
     assert bank.manifest["lineage"]["images"] == 16
     assert bank.manifest["coreset"]["coverage_radius"] is None
+
+
+def test_an_append_keeps_the_products_framing(images, lite0_small):
+    """A product framed to a region sees that region in its appended images too, and
+    its appended versions keep the framing at predict time."""
+    framing = Framing(mode="roi", roi=(200, 150, 700, 650))
+    base = build_bank(images["base"][:8], dataclasses.replace(SMALL, framing=framing), lite0_small)
+    bank = append_to_bank(base, images["new"][:2], append_config(base), lite0_small)
+    assert bank.manifest["framing"] == base.manifest["framing"] == framing.to_dict()
+    assert PatchCoreModel(bank, lite0_small).framing == framing
+    # Appended versions written before the fix kept the framing only in their config.
+    older = {k: v for k, v in bank.manifest.items() if k != "framing"}
+    assert PatchCoreModel(type(bank)(bank.features, bank.nominal_scores, older), lite0_small).framing == framing
+    # Every added row is a patch of the new images as framed (a whole-frame patch is not).
+    framed = embed_images(lite0_small, images["new"][:2], 4, framing=framing)
+    whole = embed_images(lite0_small, images["new"][:2], 4)
+    added = np.ascontiguousarray(bank.features[base.size:])
+    # (cdist's matmul form leaves ~0.01 of rounding on equal rows; whole-frame rows lie ~4 away.)
+    assert _nearest(added, framed).max() < 0.05 < 1.0 < float(np.median(_nearest(added, whole)))
+    with pytest.raises(ValueError, match="framing"):
+        append_to_bank(base, images["new"][:2], append_config(base, framing=Framing()), lite0_small)
