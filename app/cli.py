@@ -83,6 +83,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-sigma", type=_map_sigma, default=defaults.gaussian_sigma, metavar="PX",
                         help="anomaly-map smoothing, Gaussian sigma in network-input pixels (paper: 4; larger "
                              "suits large, low-contrast defects, README)")
+    parser.add_argument("--stage-balance", action="store_true",
+                        help="scale each backbone stage to an equal measured share of the distance (coarser "
+                             "maps, better on textures; README)")
     parser.add_argument("--false-alarm-rate", type=float, default=defaults.false_alarm_rate,
                         help="false-alarm budget on good parts for the nominal-only threshold (0.001 = 1 in 1,000)")
     parser.add_argument("--seed", type=int, default=0)
@@ -125,7 +128,7 @@ def _config_from(args: argparse.Namespace):
                            projection_dim=args.projection_dim or None, reweight_neighbours=args.reweight,
                            top_k=args.top_k, framing=Framing.parse(args.centre_crop, args.roi),
                            holdout_fraction=args.holdout_fraction, false_alarm_rate=args.false_alarm_rate,
-                           gaussian_sigma=args.map_sigma, seed=args.seed)
+                           gaussian_sigma=args.map_sigma, stage_balance=args.stage_balance, seed=args.seed)
 
 
 class _Progress:

@@ -48,7 +48,7 @@ def main() -> None:
     grids, types, masks, shapes = [], [], [], []
     for item in category.test:
         image = decode_image(item.path, max_pixels=None)
-        features = model.embedder.embed(model.preprocess([image])).numpy()
+        features = model.scaled(model.embedder.embed(model.preprocess([image])).numpy())
         h, w = features.shape[1:3]
         distances, _ = model.index.search(features.reshape(h * w, -1), k=3)
         grids.append(distances.reshape(h, w, 3))

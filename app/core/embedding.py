@@ -128,7 +128,7 @@ class PatchEmbedder:
         self.stage_channels = _probe_channels(module, config.image_size, config.backbone)
         self.head: FlattenHead | None = None
         if config.aggregation == "flatten":
-            self.head = FlattenHead(self.stage_channels, self._kept_dims(), config.patch_size).eval()
+            self.head = FlattenHead(self.stage_channels, self.stage_dims, config.patch_size).eval()
         self.backbone: Callable[[torch.Tensor], list[torch.Tensor]]
         # With OpenVINO the flatten head runs inside the compiled graph (stages + head in one
         # call): half the time of the same head as torch ops after it (README, issue 9).
@@ -143,7 +143,7 @@ class PatchEmbedder:
             if self.head is not None:
                 self.head = self.head.to(self.device)
         self._lock = threading.Lock()
-        self.feature_dim = sum(self._kept_dims())
+        self.feature_dim = sum(self.stage_dims)
 
     # ---------------------------------------------------------------- preprocessing
     def preprocess_one(self, image: np.ndarray, box: Box | None = None) -> torch.Tensor:
@@ -225,7 +225,7 @@ class PatchEmbedder:
         p = self.config.patch_size
         height, width = stages[0].shape[-2:]
         parts = []
-        for stage, kept in zip(stages, self._kept_dims(), strict=True):
+        for stage, kept in zip(stages, self.stage_dims, strict=True):
             # f_agg: average over the p x p neighbourhood of each position (Eq. 2).
             local = F.avg_pool2d(stage, kernel_size=p, stride=1, padding=p // 2, count_include_pad=False)
             if kept < local.shape[1]:
@@ -240,7 +240,9 @@ class PatchEmbedder:
             parts.append(local * (1.0 / math.sqrt(kept)))
         return torch.cat(parts, dim=1).permute(0, 2, 3, 1).contiguous()
 
-    def _kept_dims(self) -> list[int]:
+    @property
+    def stage_dims(self) -> list[int]:
+        """Values each stage contributes to a patch feature, in feature order (stride 8, 16)."""
         cap = self.config.stage_dim
         per_position = self.config.patch_size ** 2 if self.config.aggregation == "flatten" else 1
         return [channels * per_position if cap is None else min(cap, channels * per_position)

@@ -127,7 +127,8 @@ def evaluate_bank(
         t1 = time.perf_counter()
         embeddings = embedder.embed(model.preprocess([image])).numpy()
         t2 = time.perf_counter()
-        patch_scores, image_scores = score_patches(model.index, embeddings, model.reweight_neighbours, model.top_k)
+        patch_scores, image_scores = score_patches(model.index, model.scaled(embeddings), model.reweight_neighbours,
+                                                   model.top_k)
         t3 = time.perf_counter()
         box = None if model.framing.is_whole() else model.framing.box(*image.shape[:2])
         amap = anomaly_maps(patch_scores, embedder.config.image_size, [image.shape[:2]], model.gaussian_sigma,
@@ -170,6 +171,7 @@ def evaluate_bank(
         "framing": model.framing.to_dict(),
         "top_k": config.get("top_k", 1),
         "map_sigma": model.gaussian_sigma,
+        "stage_balance": bank.manifest.get("stage_balance"),
         "holdout_fraction": config.get("holdout_fraction"),
         "feature_dim": embedder.feature_dim,
         "backbone_runtime": embedder.runtime,

@@ -57,6 +57,7 @@ class PatchCoreConfig:
     top_k: int = 1                      # image score = mean of the top_k patch scores (1 = max, Eq. 6)
     framing: Framing = field(default_factory=Framing)  # which part of the frame the backbone sees
     gaussian_sigma: float = 4.0         # anomaly map smoothing, px at the input size (paper: 4)
+    stage_balance: bool = False         # scale each stage to an equal measured share (per product; README)
     holdout_fraction: float = 0.1       # nominal images kept out of the bank for calibration
     min_holdout: int = 5
     false_alarm_rate: float = 0.01      # target rate of good parts flagged, for the threshold
@@ -128,6 +129,51 @@ class Prediction:
         return self.calibration.normalise(to_original_size(self.smoothed_map, size, box)).astype(np.float32)
 
 
+# Stage balancing reads the spread of each stage from this many nominal images (evenly
+# spaced over the fit set): 64 x 784 patches, within 1-2% of the spread over all of them.
+STAGE_BALANCE_IMAGES = 64
+
+
+def stage_balance_factors(features: np.ndarray, stage_dims: Sequence[int]) -> list[float]:
+    """One factor per stage that gives every stage the same share of the expected squared
+    distance between two nominal patches (E||x - y||^2 = 2 x the sum of the per-value
+    variances), keeping the total.
+
+    The default weight, 1/sqrt(width) per stage (the official code's equal-width pooling),
+    assumes the stages' values spread alike. Lite0's stride-8 values spread about twice as
+    wide as its stride-16 ones, so the deeper, more semantic stage counts a quarter as much
+    in the distance. Balanced, it lifts a texture's detection and coarsens the map (README,
+    issue 8: magnetic_tile up, bottle's small defects down), hence a per-product option.
+    A stage without any spread (identical images) keeps factor 1.
+    """
+    bounds = np.cumsum([0, *stage_dims])
+    shares = np.array([features[:, lo:hi].astype(np.float64).var(axis=0).sum()
+                       for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
+    if not np.all(np.isfinite(shares)) or shares.min() <= 0.0:
+        return [1.0] * len(stage_dims)
+    return [float(f) for f in np.sqrt(shares.mean() / shares)]
+
+
+def feature_scale(factors: Sequence[float], stage_dims: Sequence[int]) -> np.ndarray:
+    """Per-stage factors -> one factor per feature value (D,) float32."""
+    return np.repeat(np.asarray(factors, dtype=np.float32), list(stage_dims))
+
+
+def bank_feature_scale(manifest: dict, stage_dims: Sequence[int]) -> np.ndarray | None:
+    """The per-value scale a stage-balanced bank's rows were stored in (None: not balanced).
+    Queries must be scaled alike before they are searched."""
+    stored = manifest.get("stage_balance")
+    if stored is None:
+        return None
+    factors = stored.get("factors") if isinstance(stored, dict) else None
+    if (not isinstance(factors, list) or len(factors) != len(stage_dims)
+            or not all(isinstance(f, int | float) and not isinstance(f, bool) and 0.0 < f < float("inf")
+                       for f in factors)):
+        raise BankIncompatible(f"the bank's stage balance {stored!r} is unusable: "
+                               f"expected {len(stage_dims)} positive factors")
+    return feature_scale(factors, stage_dims)
+
+
 def _as_array(source: ImageSource) -> np.ndarray:
     return decode_image(Path(source), max_pixels=None) if isinstance(source, Path | str) else as_rgb_array(source)
 
@@ -163,11 +209,13 @@ def framed_boxes(framing: Framing, arrays: Sequence[np.ndarray],
 def embed_images(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_size: int,
                  progress: Callable[[float], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 framing: Framing | None = None, projection: np.ndarray | None = None) -> np.ndarray:
+                 framing: Framing | None = None, projection: np.ndarray | None = None,
+                 scale: np.ndarray | None = None) -> np.ndarray:
     """Stream images through the backbone into one preallocated (N * h * w, D) float32 array.
 
     Only one batch of decoded images is in memory at a time. With `projection` (D, d)
     each batch is projected as it comes and only the (N * h * w, d) projection is kept.
+    `scale` (D,) multiplies every feature first (a stage-balanced bank's space).
     """
     per_image = embedder.grid_size ** 2
     width = embedder.feature_dim if projection is None else projection.shape[1]
@@ -176,7 +224,7 @@ def embed_images(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_
     for done, batch in enumerate(_batches(sources, batch_size)):
         if should_stop is not None and should_stop():
             raise BuildCancelled("feature extraction cancelled")
-        features = _embed_batch(embedder, batch, framing)
+        features = _embed_batch(embedder, batch, framing, scale)
         rows = features.shape[0]
         if projection is None:
             out[row:row + rows] = features
@@ -188,14 +236,19 @@ def embed_images(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_
     return out
 
 
-def _embed_batch(embedder: PatchEmbedder, batch: Sequence[np.ndarray], framing: Framing | None) -> np.ndarray:
+def _embed_batch(embedder: PatchEmbedder, batch: Sequence[np.ndarray], framing: Framing | None,
+                 scale: np.ndarray | None = None) -> np.ndarray:
     """One batch of decoded images -> their patch features (B * h * w, D) float32."""
     features = embedder.embed(embedder.preprocess(batch, framed_boxes(framing or Framing(), batch))).numpy()
-    return features.reshape(-1, features.shape[-1])
+    features = features.reshape(-1, features.shape[-1])
+    if scale is not None:
+        features *= scale
+    return features
 
 
 def collect_rows(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_size: int, rows: np.ndarray,
-                 should_stop: Callable[[], bool] | None = None, framing: Framing | None = None) -> np.ndarray:
+                 should_stop: Callable[[], bool] | None = None, framing: Framing | None = None,
+                 scale: np.ndarray | None = None) -> np.ndarray:
     """The patch features of the given rows (sorted, of the (N * h * w, D) array that
     `embed_images` would return), embedding again only the images that hold one."""
     per_image = embedder.grid_size ** 2
@@ -206,7 +259,7 @@ def collect_rows(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_
         if should_stop is not None and should_stop():
             raise BuildCancelled("feature extraction cancelled")
         images = wanted[start:start + batch_size]
-        features = _embed_batch(embedder, [_as_array(sources[i]) for i in images], framing)
+        features = _embed_batch(embedder, [_as_array(sources[i]) for i in images], framing, scale)
         # Rows of these images, as positions in this batch's features.
         lo, hi = np.searchsorted(rows, [images[0] * per_image, (images[-1] + 1) * per_image])
         chosen = rows[lo:hi]
@@ -242,13 +295,21 @@ def build_bank(
 
     start = time.perf_counter()
     fit_sources = [images[i] for i in fit_ids]
+    scale, balance = None, None
+    if config.stage_balance:
+        sample = [fit_sources[i] for i in np.unique(np.linspace(0, len(fit_sources) - 1,
+                                                                STAGE_BALANCE_IMAGES).round().astype(int))]
+        factors = stage_balance_factors(embed_images(embedder, sample, config.batch_size, None, should_stop,
+                                                     config.framing), embedder.stage_dims)
+        scale = feature_scale(factors, embedder.stage_dims)
+        balance = {"factors": factors, "sample_images": len(sample)}
     # With a projection for the coreset, only the projected features are kept while
     # selecting (a half or less of the full ones: magnetic_tile's 537k x 256 features
     # are 0.55 GB), and the chosen rows are embedded again afterwards.
     projection = (None if config.projection_dim is None
                   else projection_matrix(embedder.feature_dim, config.projection_dim, config.seed))
     features = embed_images(embedder, fit_sources, config.batch_size,
-                            lambda f: report("features", f), should_stop, config.framing, projection)
+                            lambda f: report("features", f), should_stop, config.framing, projection, scale)
     timings["features_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -266,16 +327,16 @@ def build_bank(
     if projection is not None:
         start = time.perf_counter()
         bank_features = collect_rows(embedder, fit_sources, config.batch_size, chosen, should_stop,
-                                     config.framing)
+                                     config.framing, scale)
         timings["features_s"] += time.perf_counter() - start
 
     start = time.perf_counter()
     index = create_index(bank_features, embedder.device)
     holdout_sources = [images[i] for i in holdout_ids]
-    nominal_scores = _score_sources(embedder, index, holdout_sources, config, should_stop)
+    nominal_scores = _score_sources(embedder, index, holdout_sources, config, should_stop, scale)
     calibration = calibrate_from_nominal(nominal_scores, config.false_alarm_rate, config.threshold_tail_margin)
     if validation is not None:
-        val_scores = _score_sources(embedder, index, list(validation[0]), config, should_stop)
+        val_scores = _score_sources(embedder, index, list(validation[0]), config, should_stop, scale)
         calibration = calibrate_f1(val_scores, np.asarray(validation[1]), nominal_scores)
     report("calibration", 1.0)
     timings["calibration_s"] = time.perf_counter() - start
@@ -287,6 +348,7 @@ def build_bank(
         "embedder": {**config.embedder.to_dict(), "feature_dim": embedder.feature_dim,
                      "stage_channels": list(embedder.stage_channels)},
         "framing": config.framing.to_dict(),
+        "stage_balance": balance,
         "config": config.to_dict(),
         # coverage_radius: in the selection space (projection_dim, seed); an append build
         # with until="radius" selects until its new patches are covered as well.
@@ -393,6 +455,10 @@ def append_to_bank(
         raise ValueError("reweight_neighbours must stay that of the base bank (its stored scores use it)")
     if config.framing != bank_framing(base_bank.manifest):
         raise ValueError("the framing must stay that of the base bank (its patches were embedded with it)")
+    # New patches go into the base's space, with the base's factors (never measured again).
+    scale = bank_feature_scale(base_bank.manifest, embedder.stage_dims)
+    if config.stage_balance != (scale is not None):
+        raise ValueError("stage_balance must stay that of the base bank (its rows are stored balanced or not)")
     report = progress or (lambda phase, fraction: None)
     timings: dict[str, float] = {}
     lineage = base_lineage(base_bank.manifest)
@@ -412,7 +478,7 @@ def append_to_bank(
     start = time.perf_counter()
     sources = [new_images[i] for i in np.concatenate([fit_ids, holdout_ids])]
     features = embed_images(embedder, sources, config.batch_size, lambda f: report("features", f), should_stop,
-                            config.framing)
+                            config.framing, scale=scale)
     fit_features, holdout_features = features[:len(fit_ids) * per_image], features[len(fit_ids) * per_image:]
     timings["features_s"] = time.perf_counter() - start
 
@@ -462,7 +528,7 @@ def append_to_bank(
     calibration = calibrate_from_nominal(nominal_scores, config.false_alarm_rate, config.threshold_tail_margin)
     if validation is not None:
         index = create_index(bank_features, embedder.device)
-        val_scores = _score_sources(embedder, index, list(validation[0]), config, should_stop)
+        val_scores = _score_sources(embedder, index, list(validation[0]), config, should_stop, scale)
         calibration = calibrate_f1(val_scores, np.asarray(validation[1]), nominal_scores)
     report("calibration", 1.0)
     timings["calibration_s"] += time.perf_counter() - start
@@ -488,6 +554,7 @@ def append_to_bank(
         "embedder": {**config.embedder.to_dict(), "feature_dim": embedder.feature_dim,
                      "stage_channels": list(embedder.stage_channels)},
         "framing": config.framing.to_dict(),
+        "stage_balance": base_bank.manifest.get("stage_balance"),
         "config": config.to_dict(),
         "coreset": {"ratio": None if config.coreset_size is not None else config.coreset_ratio,
                     "size": int(bank_features.shape[0]), "total_patches": lineage["total_patches"],
@@ -506,12 +573,15 @@ def append_to_bank(
 
 
 def _score_sources(embedder: PatchEmbedder, index: SearchIndex, sources: Sequence[ImageSource],
-                   config: PatchCoreConfig, should_stop: Callable[[], bool] | None) -> np.ndarray:
+                   config: PatchCoreConfig, should_stop: Callable[[], bool] | None,
+                   scale: np.ndarray | None = None) -> np.ndarray:
     scores = []
     for batch in _batches(sources, config.batch_size):
         if should_stop is not None and should_stop():
             raise BuildCancelled("calibration cancelled")
         embeddings = embedder.embed(embedder.preprocess(batch, framed_boxes(config.framing, batch))).numpy()
+        if scale is not None:
+            embeddings *= scale
         scores.append(score_patches(index, embeddings, config.reweight_neighbours, config.top_k)[1])
     return np.concatenate(scores) if scores else np.zeros(0)
 
@@ -540,6 +610,8 @@ class PatchCoreModel:
         except (TypeError, ValueError) as exc:
             raise BankIncompatible(f"the bank's stored map sigma is unusable: {exc}") from exc
         self.calibration = Calibration.from_dict(bank.calibration)
+        self.feature_scale = bank_feature_scale(bank.manifest, embedder.stage_dims)
+        self._scale_on: dict[str, torch.Tensor] = {}
         # Exact search on the embedder's device (app.core.knn.create_index picks faiss or torch).
         self.index = create_index(bank.features, embedder.device, search_backend, search_precision)
 
@@ -572,6 +644,18 @@ class PatchCoreModel:
         """
         return self.embedder.preprocess(arrays, framed_boxes(self.framing, arrays, original_sizes))
 
+    def scaled(self, embeddings: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Patch features (..., D) from the embedder -> this bank's space (a stage-balanced
+        bank stores its rows scaled per stage; others: unchanged)."""
+        if self.feature_scale is None:
+            return embeddings
+        if isinstance(embeddings, torch.Tensor):
+            key = str(embeddings.device)
+            if key not in self._scale_on:
+                self._scale_on[key] = torch.from_numpy(self.feature_scale).to(embeddings.device)
+            return embeddings * self._scale_on[key]
+        return embeddings * self.feature_scale
+
     def predict_embeddings(self, embeddings: torch.Tensor | np.ndarray,
                            original_sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
         """embeddings (B, h, w, D) from this model's embedder -> predictions."""
@@ -579,7 +663,8 @@ class PatchCoreModel:
         if array.ndim != 4 or array.shape[0] != len(original_sizes):
             raise ValueError(f"embeddings must be (B, h, w, D) with B = {len(original_sizes)}, "
                              f"got {tuple(array.shape)}")
-        patch_scores, image_scores = score_patches(self.index, array, self.reweight_neighbours, self.top_k)
+        patch_scores, image_scores = score_patches(self.index, self.scaled(array), self.reweight_neighbours,
+                                                   self.top_k)
         maps = smoothed_maps(patch_scores, self.embedder.config.image_size, self.gaussian_sigma,
                              device=self.embedder.device)
         threshold = self.calibration.threshold

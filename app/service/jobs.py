@@ -76,7 +76,7 @@ def build_error(exc: BaseException) -> dict[str, str]:
 
 # BuildParams fields only a full build can set (BuildParams.append_overrides has the others).
 _KEPT_BY_APPEND = ("backbone", "image_size", "patch_size", "stage_dim", "framing", "false_alarm_rate",
-                   "map_sigma")
+                   "map_sigma", "stage_balance")
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ class BuildParams:
     map_sigma: float | None = None
     patch_size: int | None = None
     stage_dim: int | None = None
+    stage_balance: bool | None = None
 
     def config(self) -> PatchCoreConfig:
         """The full build's config (an append build's comes from its base bank)."""
@@ -114,6 +115,8 @@ class BuildParams:
             changes["false_alarm_rate"] = self.false_alarm_rate
         if self.map_sigma is not None:
             changes["gaussian_sigma"] = self.map_sigma
+        if self.stage_balance is not None:
+            changes["stage_balance"] = self.stage_balance
         if self.coreset_ratio is not None:
             changes["coreset_ratio"] = self.coreset_ratio
         if self.seed is not None:

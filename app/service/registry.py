@@ -38,6 +38,7 @@ def describe_bank(bank: MemoryBank) -> dict:
         "framing": bank_framing(manifest).to_dict(),
         "false_alarm_rate": calibration.get("false_alarm_rate"),
         "map_sigma": (manifest.get("config") or {}).get("gaussian_sigma", PatchCoreConfig.gaussian_sigma),
+        "stage_balance": manifest.get("stage_balance") is not None,
         "bank_size": int(manifest.get("bank_size", len(bank.features))),
         "feature_dim": int(bank.features.shape[1]),
         "threshold": calibration.get("threshold"),

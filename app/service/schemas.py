@@ -91,6 +91,8 @@ class ProductInfo(BaseModel):
     false_alarm_rate: float | None = Field(default=None, description="the threshold's false-alarm budget")
     map_sigma: float | None = Field(default=None, description="anomaly-map smoothing (Gaussian sigma, "
                                     "network-input pixels)")
+    stage_balance: bool | None = Field(default=None, description="each backbone stage scaled to an equal "
+                                       "measured share of the distance (a build option)")
     bank_size: int | None = None
     feature_dim: int | None = None
     threshold: float | None = None
@@ -166,6 +168,9 @@ class BuildRequest(BaseModel):
     stage_dim: int | None = Field(
         default=None, ge=8, le=1024, description="values kept per backbone stage (default 64; 32 halves "
         "the search's arithmetic at a small cost on textures, README)")
+    stage_balance: bool | None = Field(
+        default=None, description="scale each backbone stage to an equal share of the distance, measured on "
+        "the nominal images (default false; better image scores and coarser maps on textures, README)")
 
     @model_validator(mode="after")
     def _options_are_valid(self) -> BuildRequest:

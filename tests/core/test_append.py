@@ -184,3 +184,17 @@ def test_an_append_keeps_the_products_framing(images, lite0_small):
     assert _nearest(added, framed).max() < 0.05 < 1.0 < float(np.median(_nearest(added, whole)))
     with pytest.raises(ValueError, match="framing"):
         append_to_bank(base, images["new"][:2], append_config(base, framing=Framing()), lite0_small)
+
+
+def test_an_append_keeps_the_stage_balance_of_its_base(images, lite0_small):
+    """New patches go into the base's balanced space with the base's factors."""
+    base = build_bank(images["base"][:8], dataclasses.replace(SMALL, stage_balance=True), lite0_small)
+    bank = append_to_bank(base, images["new"][:2], append_config(base), lite0_small)
+    assert bank.manifest["stage_balance"] == base.manifest["stage_balance"]
+    factors = np.repeat(np.asarray(base.manifest["stage_balance"]["factors"], np.float32), lite0_small.stage_dims)
+    scaled = embed_images(lite0_small, images["new"][:2], 4) * factors
+    assert _nearest(np.ascontiguousarray(bank.features[base.size:]), scaled).max() < 0.05
+    held_out = PatchCoreModel(bank, lite0_small).predict([decode_image(p) for p in images["new"][:2]])
+    assert not any(p.is_anomalous for p in held_out)
+    with pytest.raises(ValueError, match="stage_balance"):
+        append_to_bank(base, images["new"][:2], append_config(base, stage_balance=False), lite0_small)

@@ -30,7 +30,7 @@ def test_flatten_pools_before_upsampling_and_that_changes_nothing(lite0):
     stage8, stage16 = torch.randn(2, 40, 28, 28), torch.randn(2, 112, 14, 14)
     got = lite0.aggregate([stage8, stage16])
     parts = []
-    for stage, kept in zip((stage8, stage16), lite0._kept_dims(), strict=True):
+    for stage, kept in zip((stage8, stage16), lite0.stage_dims, strict=True):
         local = F.unfold(stage, kernel_size=3, padding=1).reshape(2, -1, *stage.shape[-2:])
         local = F.interpolate(local, size=(28, 28), mode="bilinear", align_corners=False)  # upsample first
         local = local.permute(0, 2, 3, 1)

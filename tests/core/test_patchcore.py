@@ -151,3 +151,63 @@ def test_build_bank_refuses_settings_out_of_range(bottle, lite0_small, change):
 
     with pytest.raises(ValueError, match=next(iter(change))):
         build_bank(bottle["train"][:6], dataclasses.replace(SMALL, **change), lite0_small)
+
+
+def test_stage_balance_factors_equalise_the_stages_shares():
+    from app.core.patchcore import stage_balance_factors
+
+    rng = np.random.default_rng(0)
+    # Stage 1 (2 values) spreads 2x as wide per value as stage 2 (3 values).
+    features = np.concatenate([rng.normal(0, 2.0, (20000, 2)), rng.normal(5, 1.0, (20000, 3))], axis=1)
+    factors = stage_balance_factors(features.astype(np.float32), [2, 3])
+    shares = [(features[:, :2] * factors[0]).var(0).sum(), (features[:, 2:] * factors[1]).var(0).sum()]
+    assert shares[0] == pytest.approx(shares[1], rel=1e-6)
+    assert sum(shares) == pytest.approx(features.var(0).sum(), rel=1e-6)  # the total is kept
+    assert factors[1] > 1.0 > factors[0]
+    # Identical images leave nothing to balance.
+    assert stage_balance_factors(np.ones((50, 5), np.float32), [2, 3]) == [1.0, 1.0]
+
+
+def test_a_stage_balanced_bank_scores_as_it_was_built(bottle, lite0_small, tmp_path):
+    """The factors are measured at build time, stored in the bank, and applied to every
+    query: the held-out images score at predict exactly as they did when calibrating."""
+    import dataclasses
+
+    from app.core.patchcore import _split_holdout, embed_images
+
+    config = dataclasses.replace(SMALL, stage_balance=True)
+    bank = build_bank(bottle["train"], config, lite0_small)
+    balance = bank.manifest["stage_balance"]
+    assert balance["sample_images"] == len(_split_holdout(len(bottle["train"]), config)[0])
+    # Measured here: the stride-8 stage's values spread wider, so the stride-16 stage gains.
+    assert balance["factors"][1] > 1.0 > balance["factors"][0]
+    store = LocalBankStore(tmp_path)
+    store.save("balanced", bank)
+    model = PatchCoreModel(store.load("balanced")[1], lite0_small)
+    _, holdout = _split_holdout(len(bottle["train"]), config)
+    served = [p.raw_score for p in model.predict([decode_image(bottle["train"][i]) for i in holdout])]
+    np.testing.assert_allclose(served, bank.nominal_scores, rtol=1e-5)
+    # The bank's rows are patches in the balanced space: each is a scaled patch of a fit image.
+    fit, _ = _split_holdout(len(bottle["train"]), config)
+    plain = embed_images(lite0_small, [bottle["train"][i] for i in fit], 4)
+    dims = lite0_small.stage_dims
+    scaled = plain * np.repeat(np.asarray(balance["factors"], np.float32), dims)
+    row = model.bank.features[0]
+    assert np.abs(scaled - row).max(axis=1).min() < 1e-4 < np.abs(plain - row).max(axis=1).min()
+    defects = model.predict([decode_image(p) for p in bottle["defect"]])
+    goods = model.predict([decode_image(p) for p in bottle["good"]])
+    assert min(d.raw_score for d in defects) > max(g.raw_score for g in goods)
+
+
+@pytest.mark.parametrize("stored", [{"factors": [1.0]}, {"factors": [1.0, -2.0]}, {"factors": [1.0, "x"]},
+                                    {"factors": [1.0, float("inf")]}, [1.0, 2.0], {"factors": None}])
+def test_unusable_stored_stage_balance_is_refused_at_load(bottle_model, lite0_small, stored):
+    import copy
+
+    from app.core.bank import MemoryBank
+
+    manifest = copy.deepcopy(bottle_model.bank.manifest)
+    manifest["stage_balance"] = stored
+    with pytest.raises(BankIncompatible, match="stage balance"):
+        PatchCoreModel(MemoryBank(bottle_model.bank.features, bottle_model.bank.nominal_scores, manifest),
+                       lite0_small)

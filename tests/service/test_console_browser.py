@@ -265,7 +265,8 @@ def test_admin_builds_a_bank_and_it_becomes_active_then_rolls_back(browser, cons
     assert job["params"] == {"coreset_ratio": 0.1, "backbone": None, "seed": 1, "activate": False,
                              "mode": "full", "base_version": None, "until": "size",
                              "image_size": None, "framing": None, "false_alarm_rate": None,
-                             "map_sigma": None, "patch_size": None, "stage_dim": None}
+                             "map_sigma": None, "patch_size": None, "stage_dim": None,
+                             "stage_balance": None}
     assert by_id(browser, "job-phase").text == "done"
     assert seen_phases - {"done", ""}, "no phase was shown while the build ran"
     new_version = job["version"]

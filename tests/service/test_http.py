@@ -265,7 +265,7 @@ def test_framing_through_the_admin_api(http, bottle_train, bottle_defect):
     roi = [250, 200, 650, 700]
     started = http.post("/v1/admin/products/framed/builds", headers=ADMIN,
                         json={"roi": roi, "image_size": 128, "coreset_ratio": 0.1, "false_alarm_rate": 0.001,
-                              "map_sigma": 8.0, "patch_size": 5, "stage_dim": 32})
+                              "map_sigma": 8.0, "patch_size": 5, "stage_dim": 32, "stage_balance": True})
     assert started.status_code == 202, started.text
     assert started.json()["params"]["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi}
     job = wait_job(http, started.json()["id"])
@@ -274,6 +274,7 @@ def test_framing_through_the_admin_api(http, bottle_train, bottle_defect):
     assert listed["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi}
     assert listed["image_size"] == 128 and listed["false_alarm_rate"] == 0.001 and listed["map_sigma"] == 8.0
     assert listed["patch_size"] == 5 and listed["feature_dim"] == 64  # 32 values from each of 2 stages
+    assert listed["stage_balance"] is True and http.get("/v1/products/bottle").json()["stage_balance"] is False
     response = predict(http, "framed", bottle_defect[0], heatmap="png", regions="true")
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]

@@ -84,7 +84,8 @@ async def start_build(product: ProductDep, staging: StagingDep, jobs: JobsDep, r
                     mode=params.mode, base_version=params.base_version, until=params.until,
                     image_size=params.image_size, framing=params.framing(),
                     false_alarm_rate=params.false_alarm_rate, map_sigma=params.map_sigma,
-                    patch_size=params.patch_size, stage_dim=params.stage_dim),
+                    patch_size=params.patch_size, stage_dim=params.stage_dim,
+                    stage_balance=params.stage_balance),
         lambda: paths, image_count=len(paths))
     response.headers["Location"] = f"/v1/admin/jobs/{job.id}"
     return job.describe()
