@@ -66,7 +66,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projection-dim", type=int, default=128,
                         help="random projection for coreset selection (0: select in the feature space)")
     parser.add_argument("--reweight", type=int, default=0, metavar="B",
-                        help="Eq. 7 reweighting with B neighbours (0: off)")
+                        help="Eq. 7 reweighting with B >= 2 neighbours (0: off)")
     parser.add_argument("--patch-size", type=int, default=defaults.embedder.patch_size,
                         help="neighbourhood each patch feature aggregates, odd (paper: 3)")
     parser.add_argument("--aggregation", default=defaults.embedder.aggregation, choices=list(AGGREGATIONS),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -115,6 +116,33 @@ def _why(exc: BaseException) -> str:
     return str(exc)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_manifest_types(manifest: dict, name: str) -> None:
+    """BankCorrupt unless the manifest's sections have the types the code reads them as: a
+    bank is input like any other, and one wrong type must not escape as an AttributeError
+    that stops the server loading the next product."""
+    def corrupt(what: str) -> BankCorrupt:
+        return BankCorrupt(f"bank {name}, {MANIFEST}: {what}")
+
+    for key in ("embedder", "calibration", "files"):
+        if not isinstance(manifest[key], dict):
+            raise corrupt(f"{key!r} must be an object")
+    for key in ("config", "framing", "coreset", "lineage", "stage_balance"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise corrupt(f"{key!r} must be an object")
+    for key in ("feature_dim", "bank_size"):
+        if not isinstance(manifest[key], int) or isinstance(manifest[key], bool) or manifest[key] < 0:
+            raise corrupt(f"{key!r} must be a count")
+    calibration = manifest["calibration"]
+    # A NaN threshold would load and never flag anything ("score > NaN" is always false).
+    for key in ("threshold", "nominal_median"):
+        if not _is_number(calibration.get(key)):
+            raise corrupt(f"calibration {key} must be a finite number, got {calibration.get(key)!r}")
+
+
 def load_bank(directory: Path | str) -> MemoryBank:
     """Load and verify a bank; raise BankCorrupt or BankIncompatible with the reason."""
     directory = Path(directory)
@@ -133,6 +161,7 @@ def load_bank(directory: Path | str) -> MemoryBank:
     for key in ("embedder", "calibration", "files", "feature_dim", "bank_size"):
         if key not in manifest:
             raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: missing field {key!r}")
+    _check_manifest_types(manifest, directory.name)
     arrays = {}
     for key, filename in ARRAYS.items():
         path = directory / filename
@@ -152,6 +181,7 @@ def load_bank(directory: Path | str) -> MemoryBank:
         raise BankCorrupt(f"bank {directory.name}: features shape {features.shape} does not match the manifest")
     if not np.isfinite(features).all():
         raise BankCorrupt(f"bank {directory.name}: features contain NaN or infinity")
-    if "threshold" not in manifest["calibration"]:
-        raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: calibration has no threshold")
+    scores = arrays["nominal_scores"]
+    if scores.ndim != 1 or scores.dtype.kind != "f" or not np.isfinite(scores).all():
+        raise BankCorrupt(f"bank {directory.name}: nominal_scores must be a 1-D array of finite floats")
     return MemoryBank(features=features, nominal_scores=arrays["nominal_scores"], manifest=manifest)

@@ -41,6 +41,11 @@ class Calibration:
                    tail_margin=data.get("tail_margin"))
 
 
+# Below about 1e-16, 1 - rate rounds to 1 and the bound is infinite (a bank that never
+# flags); one in a million good parts is already far beyond what a held-out set can show.
+MIN_FALSE_ALARM_RATE = 1e-6
+
+
 def calibrate_from_nominal(scores: np.ndarray, false_alarm_rate: float = 0.01,
                            tail_margin: float = 0.25) -> Calibration:
     """Threshold for the NEXT nominal image's score, from held-out nominal scores.
@@ -60,6 +65,9 @@ def calibrate_from_nominal(scores: np.ndarray, false_alarm_rate: float = 0.01,
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
         raise ValueError("no nominal scores to calibrate from")
+    if not np.isfinite(scores).all():
+        # A NaN would make the threshold NaN, and "score > NaN" never flags anything.
+        raise ValueError("nominal scores must be finite")
     median = float(np.median(scores))
     logs = np.log(np.maximum(scores, 1e-12))
     n = scores.size

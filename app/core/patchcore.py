@@ -22,7 +22,7 @@ import torch
 
 from app import __version__
 from app.core.bank import MemoryBank
-from app.core.calibration import Calibration, calibrate_f1, calibrate_from_nominal
+from app.core.calibration import MIN_FALSE_ALARM_RATE, Calibration, calibrate_f1, calibrate_from_nominal
 from app.core.coreset import continue_coreset, coreset_size_for, projection_matrix, select_coreset
 from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import BankIncompatible, BuildCancelled, InvalidImage, NotEnoughImages
@@ -76,8 +76,17 @@ class PatchCoreConfig:
             raise ValueError(f"gaussian_sigma {exc}") from None
         if self.top_k < 1:
             raise ValueError("top_k must be at least 1")
-        if self.reweight_neighbours < 0:
-            raise ValueError("reweight_neighbours must be 0 (off) or positive")
+        if self.reweight_neighbours < 0 or self.reweight_neighbours == 1:
+            # N_b(m*) holds m*'s own nearest row, so with b = 1 Eq. 7's weight is 1 - 1 = 0 for every image.
+            raise ValueError("reweight_neighbours must be 0 (off) or at least 2")
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ValueError("coreset_ratio must be in (0, 1]")
+        if self.coreset_size is not None and self.coreset_size < 1:
+            raise ValueError("coreset_size must be at least 1")
+        if not 0.0 <= self.holdout_fraction < 1.0 or self.min_holdout < 1:
+            raise ValueError("holdout_fraction must be in [0, 1) and min_holdout at least 1")
+        if not MIN_FALSE_ALARM_RATE <= self.false_alarm_rate < 0.5:
+            raise ValueError(f"false_alarm_rate must be in [{MIN_FALSE_ALARM_RATE:g}, 0.5)")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -512,7 +521,7 @@ def append_to_bank(
     index = create_index(partial, embedder.device)
     new_scores = score_patches(index, holdout_features.reshape(len(holdout_ids), embedder.grid_size,
                                                                embedder.grid_size, -1),
-                               config.reweight_neighbours)[1]
+                               config.reweight_neighbours, config.top_k)[1]
     del index
     timings["calibration_s"] = time.perf_counter() - start
 
@@ -600,10 +609,16 @@ class PatchCoreModel:
                 f"bank features have {bank.features.shape[1]} dims, the embedder gives {embedder.feature_dim}")
         self.bank = bank
         self.embedder = embedder
-        config = bank.manifest.get("config", {})
-        self.reweight_neighbours = int(config.get("reweight_neighbours", 0))
-        self.top_k = int(config.get("top_k", 1))
-        self.framing = bank_framing(bank.manifest)
+        config = bank.manifest.get("config") or {}
+        try:
+            self.reweight_neighbours = int(config.get("reweight_neighbours", 0))
+            self.top_k = int(config.get("top_k", 1))
+            self.framing = bank_framing(bank.manifest)
+        except (TypeError, ValueError) as exc:
+            raise BankIncompatible(f"the bank's stored scoring or framing settings are unusable: {exc}") from exc
+        if self.top_k < 1 or self.reweight_neighbours < 0 or self.reweight_neighbours == 1:
+            raise BankIncompatible(f"the bank's stored top_k {self.top_k} / reweight_neighbours "
+                                   f"{self.reweight_neighbours} are unusable")
         try:  # a bank file is input like any other: an absurd sigma would stall every predict
             self.gaussian_sigma = check_map_sigma(float(config.get("gaussian_sigma",
                                                                    PatchCoreConfig.gaussian_sigma)))

@@ -140,9 +140,10 @@ class ProductRegistry:
             version = version or self.store.active_version(name)
             version, bank = self.store.load(name, version)
             return self.install(name, version, self.model_for(bank))
-        except (PatchCoreError, OSError, ValueError, LookupError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a bad bank raises, the other products still load
             logger.error("bank for %s failed to load: %s", name, exc,
-                         extra={"product": name, "version": version})
+                         extra={"product": name, "version": version},
+                         exc_info=not isinstance(exc, PatchCoreError | OSError | ValueError | LookupError))
             failed = FailedProduct(name, version, str(exc) or type(exc).__name__,
                                    status_and_code(exc)[1])
             with self._write_lock:

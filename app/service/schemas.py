@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from app.core.calibration import MIN_FALSE_ALARM_RATE
 from app.core.embedding import MAX_PATCH_SIZE, check_patch_size
 from app.core.framing import Framing
 from app.core.patchcore import MAX_MAP_SIGMA
@@ -156,7 +157,7 @@ class BuildRequest(BaseModel):
                                       "(0.875 = resize 256, crop 224); default: the whole frame")
     roi: list[int] | None = Field(default=None, min_length=4, max_length=4,
                                   description="frame this box [x0, y0, x1, y1] in original-image pixels")
-    false_alarm_rate: float | None = Field(default=None, gt=0.0, lt=0.5,
+    false_alarm_rate: float | None = Field(default=None, ge=MIN_FALSE_ALARM_RATE, lt=0.5,
                                            description="false-alarm budget on good parts for the "
                                            "nominal-only threshold (0.001 = 1 in 1,000; default 0.01)")
     map_sigma: float | None = Field(default=None, ge=0.0, le=MAX_MAP_SIGMA,

@@ -198,3 +198,21 @@ def test_an_append_keeps_the_stage_balance_of_its_base(images, lite0_small):
     assert not any(p.is_anomalous for p in held_out)
     with pytest.raises(ValueError, match="stage_balance"):
         append_to_bank(base, images["new"][:2], append_config(base, stage_balance=False), lite0_small)
+
+
+def test_an_append_calibrates_with_the_products_image_score_rule(images, lite0_small, monkeypatch):
+    """A product scoring images by the mean of its top-k patches is calibrated with that
+    rule on its new held-out images too (they were once scored by the max, a higher scale)."""
+    import app.core.patchcore as patchcore
+
+    base = build_bank(images["base"][:8], dataclasses.replace(SMALL, top_k=10), lite0_small)
+    rules = []
+    scoring = patchcore.score_patches
+
+    def spy(index, embeddings, reweight_neighbours=0, top_k=1):
+        rules.append(top_k)
+        return scoring(index, embeddings, reweight_neighbours, top_k)
+
+    monkeypatch.setattr(patchcore, "score_patches", spy)
+    append_to_bank(base, images["new"][:2], append_config(base), lite0_small)
+    assert rules and set(rules) == {10}

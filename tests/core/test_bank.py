@@ -114,3 +114,32 @@ def test_store_versions_activate_rollback_delete(tmp_path):
     assert store.products() == [] and not (tmp_path / "bottle").exists()
     with pytest.raises(ProductNotFound):
         store.load("bottle")
+
+
+@pytest.mark.parametrize("change", [
+    {"files": ["features.npy"]}, {"embedder": "lite0"}, {"calibration": 1.5}, {"config": []},
+    {"framing": "whole"}, {"bank_size": "50"}, {"calibration": {"threshold": float("nan"), "nominal_median": 1.1}},
+    {"calibration": {"threshold": None, "nominal_median": 1.1}}, {"calibration": {"threshold": 1.5}},
+    {"calibration": {"threshold": float("inf"), "nominal_median": 1.1}}])
+def test_manifest_sections_of_the_wrong_type_are_refused(tmp_path, change):
+    save_bank(_bank(), tmp_path / "b")
+    path = tmp_path / "b" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(BankCorrupt, match=next(iter(change))):
+        load_bank(tmp_path / "b")
+
+
+@pytest.mark.parametrize("scores", [np.array([1.0, np.nan]), np.array([[1.0, 1.2]]), np.array([1, 2])])
+def test_unusable_nominal_scores_are_refused(tmp_path, scores):
+    bank = _bank()
+    bank.nominal_scores = scores
+    path = save_bank(bank, tmp_path / "b") / "nominal_scores.npy"
+    np.save(path, scores, allow_pickle=False)  # save_bank casts to float64; write the odd array as is
+    manifest_path = tmp_path / "b" / "manifest.json"
+    import hashlib
+
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["nominal_scores.npy"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BankCorrupt, match="nominal_scores"):
+        load_bank(tmp_path / "b")

@@ -144,7 +144,10 @@ def test_unusable_stored_map_sigma_is_refused_at_load(bottle_model, lite0_small,
 
 
 @pytest.mark.parametrize("change", [{"gaussian_sigma": 40.0}, {"gaussian_sigma": -0.5}, {"top_k": 0},
-                                   {"reweight_neighbours": -1}])
+                                   {"reweight_neighbours": -1}, {"reweight_neighbours": 1},
+                                   {"false_alarm_rate": 0.0}, {"false_alarm_rate": 1e-17}, {"false_alarm_rate": 0.5},
+                                   {"coreset_ratio": 0.0},
+                                   {"coreset_ratio": 1.5}, {"holdout_fraction": 1.0}, {"coreset_size": 0}])
 def test_build_bank_refuses_settings_out_of_range(bottle, lite0_small, change):
     """The engine checks its own settings: callers of build_bank bypass the CLI's and the schema's checks."""
     import dataclasses

@@ -31,7 +31,8 @@ def test_build_request_framing_is_validated():
     assert BuildRequest(centre_crop=0.875).framing() == Framing(mode="centre", fraction=0.875)
     assert BuildRequest().framing() is None
     for bad in ({"roi": [5, 5, 1, 9]}, {"roi": [0, 0, 9, 9], "centre_crop": 0.5}, {"image_size": 100},
-                {"false_alarm_rate": 0.0}, {"roi": [1, 2, 3]}, {"map_sigma": -1.0}, {"map_sigma": 33.0},
+                {"false_alarm_rate": 0.0}, {"false_alarm_rate": 1e-17}, {"roi": [1, 2, 3]}, {"map_sigma": -1.0},
+                {"map_sigma": 33.0},
                 {"patch_size": 4}, {"patch_size": 11}, {"patch_size": 0}, {"stage_dim": 0}, {"stage_dim": 4096}):
         with pytest.raises(ValidationError):
             BuildRequest(**bad)

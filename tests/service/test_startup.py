@@ -54,6 +54,30 @@ def test_corrupt_bank_is_reported_while_others_serve(tmp_path, tile_bank, tile_t
         stop_server(live)
 
 
+@pytest.mark.parametrize("change", [{"files": []}, {"calibration": 3}, {"config": None, "lineage": "x"},
+                                    {"config": {"top_k": None}}, {"framing": "centre"}])
+def test_a_manifest_of_the_wrong_shape_fails_only_its_product(tmp_path, tile_bank, change):
+    """Each of these once escaped as an AttributeError or TypeError (or, for a NaN
+    threshold, loaded and never flagged); products sorted after it were never loaded."""
+    import json
+
+    store = LocalBankStore(tmp_path)
+    store.save("tile", tile_bank, activate=True)
+    for name, edit in (("a-broken", change), ("a-nan", {"calibration": {"threshold": float("nan"),
+                                                                          "nominal_median": 1.0}})):
+        version = store.save(name, tile_bank, activate=True)
+        path = tmp_path / name / version / "manifest.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    live = start_server(test_settings(tmp_path))
+    try:
+        with live.client() as http:
+            products = http.get("/v1/products").json()
+            assert [p["name"] for p in products["products"]] == ["tile"], products
+            assert sorted(f["name"] for f in products["failed"]) == ["a-broken", "a-nan"], products
+    finally:
+        stop_server(live)
+
+
 def test_demo_bank_is_built_on_a_fresh_machine_and_kept(tmp_path):
     demo = pytest.importorskip("app.demo", reason="app.demo (demo images) is not installed")
     live = start_server(test_settings(tmp_path, demo=True))
