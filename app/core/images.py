@@ -67,6 +67,22 @@ def _read_bytes(data: bytes | Path | str) -> bytes:
         raise InvalidImage(f"cannot read image file {path.name!r}: {exc.strerror}") from exc
 
 
+_ROTATING_PNG_KEYS = ("exif", "XML:com.adobe.xmp")
+
+
+def _png_may_rotate(image: Image.Image, data: bytes) -> bool:
+    """Whether a PNG may carry an orientation (EXIF or XMP) that PIL's path applies.
+
+    Chunks before the image data are in `image.info` at open; those after it (an eXIf or
+    XMP chunk may follow IDAT) are looked for in the bytes after the last IDAT only, so
+    the fast path and PIL's, taken when another thread holds the decoder, always agree.
+    """
+    if any(key in image.info for key in _ROTATING_PNG_KEYS):
+        return True
+    tail = data[max(0, data.rfind(b"IDAT")):]
+    return b"eXIf" in tail or b"XML:com.adobe.xmp" in tail
+
+
 def decode_image(data: bytes | Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an encoded image into an RGB array of shape (H, W, 3), dtype uint8.
 
@@ -88,7 +104,7 @@ def decode_image(data: bytes | Path | str, max_pixels: int | None = DEFAULT_MAX_
                         f"image is {width}x{height} = {width * height} pixels, "
                         f"more than the limit of {max_pixels}"
                     )
-                if image.format == "PNG" and image.mode in _FAST_PNG_MODES and "exif" not in image.info:
+                if image.format == "PNG" and image.mode in _FAST_PNG_MODES and not _png_may_rotate(image, data):
                     fast = _decode_png_fast(bytes(data))
                     if fast is not None:
                         return fast

@@ -48,10 +48,6 @@ def test_f1_threshold_separates_a_labelled_set():
 
 def test_non_finite_nominal_scores_are_refused():
     """A NaN would make the threshold NaN, and nothing would ever be flagged."""
-    import numpy as np
-
-    from app.core.calibration import calibrate_from_nominal
-
     for scores in ([1.0, float("nan"), 1.2], [1.0, float("inf")]):
         with pytest.raises(ValueError, match="finite"):
             calibrate_from_nominal(np.array(scores))

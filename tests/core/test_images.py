@@ -1,9 +1,11 @@
 import io
+import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from app.core.errors import ImageTooLarge, InvalidImage
 from app.core.images import as_rgb_array, decode_image
@@ -69,6 +71,40 @@ def test_png_decoded_beside_a_busy_libspng_goes_to_pillow_with_the_same_pixels(m
         for decoded in pool.map(lambda _: decode_image(png), range(24)):
             np.testing.assert_array_equal(decoded, alone)
     assert not images._SPNG_SLOT.locked()
+
+
+def _png_rotated_by_xmp() -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf='
+                  '"http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff='
+                  '"http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((40, 100, 3), np.uint8)).save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _png_with_exif_after_the_image_data() -> bytes:
+    data = _encode(Image.fromarray(np.zeros((40, 100, 3), np.uint8)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    payload = exif.tobytes()
+    chunk = (struct.pack(">I", len(payload)) + b"eXIf" + payload
+             + struct.pack(">I", zlib.crc32(b"eXIf" + payload)))
+    end = data.rindex(b"IEND") - 4
+    return data[:end] + chunk + data[end:]
+
+
+@pytest.mark.parametrize("png", [_png_rotated_by_xmp(), _png_with_exif_after_the_image_data()],
+                         ids=["xmp", "exif-after-idat"])
+def test_png_orientation_is_applied_whichever_decoder_runs(png):
+    """The libspng path once skipped orientations in XMP or after IDAT, so the same upload
+    was scored upright or rotated depending on whether another request held the decoder."""
+    import app.core.images as images
+
+    alone = decode_image(png)
+    with images._SPNG_SLOT:
+        beside = decode_image(png)
+    assert alone.shape == beside.shape == (100, 40, 3)
 
 
 def test_16_bit_grayscale_png_keeps_its_range():
