@@ -106,7 +106,9 @@ class Predictor:
         loop = asyncio.get_running_loop()
         keep = options.heatmap == "overlay"
         settings = self.settings
-        pixels = self._check_pixel_budget(uploads)
+        # In the pool: PIL parses every chunk before the pixels, and a crafted body (millions
+        # of empty PNG chunks or JPEG comments) would hold the event loop, and every probe, for seconds.
+        pixels = await loop.run_in_executor(self.cpu_pool, self._check_pixel_budget, uploads)
         device_decode = self.decodes_on_device(loaded)
 
         def prepare_one(index: int, upload: UploadedFile) -> PreparedImage:

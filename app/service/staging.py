@@ -197,7 +197,9 @@ class StagingArea:
         try:
             with archive.open(info) as member:
                 data = member.read(info.file_size + 1)
-        except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zlib.error, LZMAError, EOFError, ...: the client's archive
             raise InvalidUpload(f"zip member {info.filename!r} cannot be read: {exc}") from exc
         if len(data) > info.file_size:
             raise InvalidUpload(f"zip member {info.filename!r} is larger than its header says")

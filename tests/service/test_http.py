@@ -316,3 +316,19 @@ def test_a_product_stored_behind_the_service_is_listed_as_stored(server, http, t
     finally:
         assert http.delete("/v1/admin/products/sideways", headers=ADMIN).status_code == 204
     assert "sideways" not in str(http.get("/v1/products").json())
+
+
+def test_image_headers_are_read_off_the_event_loop(http, bottle_job, bottle_good, monkeypatch):
+    """PIL parses every chunk before the pixels: a body of millions of empty PNG chunks took
+    7 s to probe, and on the event loop that stalled every other request and the probes."""
+    import threading
+
+    import app.service.predictor as predictor_module
+
+    threads = []
+    real_probe = predictor_module.probe_image
+    monkeypatch.setattr(predictor_module, "probe_image",
+                        lambda data: threads.append(threading.current_thread()) or real_probe(data))
+    answer = predict(http, "bottle", bottle_good[0], heatmap="none")
+    assert answer.status_code == 200, answer.text
+    assert threads and all(t.name.startswith("prepare") for t in threads), threads  # the CPU pool's

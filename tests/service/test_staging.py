@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import stat
+import struct
 import zipfile
 
 import numpy as np
@@ -93,3 +94,30 @@ def test_corrupt_zip_and_staging_limit(staging):
         staging.add("bolt", [UploadedFile("x.zip", b"PK\x03\x04 not really")])
     with pytest.raises(TooManyImages):
         staging.add("bolt", [UploadedFile(f"{i}.png", png(i)) for i in range(11)])
+
+
+def _member_data_corrupted(compression: int) -> bytes:
+    data = bytearray(zipped([("a.png", png(1, size=80))], compression))
+    start = 30 + len("a.png")  # the local header, then the member's compressed bytes
+    for i in range(start + 20, start + 200):
+        data[i] = 0xFF if i % 2 else 0x00
+    return bytes(data)
+
+
+def _member_shorter_than_its_header() -> bytes:
+    data = bytearray(zipped([("a.png", png(1, size=80))], zipfile.ZIP_STORED))
+    claim = 4 * len(png(1, size=80))
+    struct.pack_into("<II", data, 18, claim, claim)  # local header: compressed, uncompressed size
+    central = data.rfind(b"PK\x01\x02")
+    struct.pack_into("<II", data, central + 20, claim, claim)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("archive", [_member_data_corrupted(zipfile.ZIP_DEFLATED),
+                                     _member_data_corrupted(zipfile.ZIP_LZMA), _member_shorter_than_its_header()],
+                         ids=["deflate", "lzma", "short"])
+def test_a_member_that_cannot_be_decompressed_is_the_clients_error(staging, archive):
+    """zlib.error, LZMAError and EOFError once escaped as a 500."""
+    with pytest.raises(InvalidUpload, match="cannot be read"):
+        staging.add("bolt", [UploadedFile("x.zip", archive)])
+    assert staging.list("bolt") == []
