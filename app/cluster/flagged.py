@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from app.cluster import FLAGGED_BOARD_NAME, NAMESPACE
-from app.service.errors import RecentImageNotFound
+from app.service.errors import RecentImageAmbiguous, RecentImageNotFound
 from app.service.recent import RecentImages
 from app.service.settings import Settings
 from app.service.staging import UploadedFile
@@ -44,6 +44,8 @@ class FlaggedBoard:
             upload = self.images.get(product, request_id, index)
         except RecentImageNotFound as exc:
             return {"not_found": str(exc)}
+        except RecentImageAmbiguous as exc:
+            return {"ambiguous": str(exc)}
         return {"file": (upload.filename, upload.data, upload.content_type)}
 
     def size(self) -> dict:
@@ -78,5 +80,7 @@ class ClusterFlaggedImages:
         reply = ray.get(self.board.get.remote(product, request_id, index), timeout=GET_TIMEOUT_S)
         if "not_found" in reply:
             raise RecentImageNotFound(reply["not_found"])
+        if "ambiguous" in reply:
+            raise RecentImageAmbiguous(reply["ambiguous"])
         filename, data, content_type = reply["file"]
         return UploadedFile(filename, data, content_type)

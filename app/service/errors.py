@@ -110,6 +110,10 @@ class RecentImageNotFound(ServiceError):
     """No image of that prediction is kept (unknown or expired request id, or not flagged)."""
 
 
+class RecentImageAmbiguous(ServiceError):
+    """The request id named more than one prediction's image (ids are the client's to choose)."""
+
+
 class TooFewImages(ServiceError):
     """A build needs more nominal images than were staged."""
 
@@ -142,6 +146,7 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     TooFewImages: (422, "not_enough_images"),
     InvalidBuildRequest: (422, "invalid_build_request"),
     RecentImageNotFound: (404, "recent_image_not_found"),
+    RecentImageAmbiguous: (409, "request_id_reused"),
     storage.ProductNotFound: (404, "product_not_found"),
     storage.InvalidProductName: (422, "invalid_product_name"),
     storage.InvalidName: (422, "invalid_name"),

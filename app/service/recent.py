@@ -13,14 +13,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.service.errors import RecentImageNotFound
+from app.service.errors import RecentImageAmbiguous, RecentImageNotFound
 from app.service.staging import UploadedFile
 
 
 @dataclass(frozen=True)
 class RecentImage:
     product: str
-    upload: UploadedFile
+    upload: UploadedFile | None   # None: the id was reused for another image, which is meant is unknown
 
 
 class FlaggedImages(Protocol):
@@ -31,6 +31,15 @@ class FlaggedImages(Protocol):
     def remember(self, request_id: str | None, index: int, product: str, upload: UploadedFile) -> None: ...
 
     def get(self, product: str, request_id: str, index: int | None) -> UploadedFile: ...
+
+
+# What an entry without an image (a reused id) counts against the budget, so reused ids
+# cannot pile up unbounded.
+MARKER_BYTES = 256
+
+
+def _cost(item: RecentImage) -> int:
+    return len(item.upload.data) if item.upload is not None else MARKER_BYTES
 
 
 class RecentImages:
@@ -55,12 +64,18 @@ class RecentImages:
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._bytes -= len(old.upload.data)
-            self._items[key] = RecentImage(product, upload)
-            self._bytes += size
+                self._bytes -= _cost(old)
+            if old is not None and (old.upload is None or old.upload.data != upload.data or old.product != product):
+                # The client chose the same X-Request-ID for another flagged image: staging
+                # either one as nominal could be the wrong one (or a planted one), so neither is.
+                item = RecentImage(product, None)
+            else:
+                item = RecentImage(product, upload)
+            self._items[key] = item
+            self._bytes += _cost(item)
             while self._bytes > self.max_bytes:
                 _, dropped = self._items.popitem(last=False)
-                self._bytes -= len(dropped.upload.data)
+                self._bytes -= _cost(dropped)
 
     def get(self, product: str, request_id: str, index: int | None) -> UploadedFile:
         """The kept image; index None means "the request's only flagged image"."""
@@ -78,4 +93,7 @@ class RecentImages:
                 f"no flagged image of request {request_id[:64]!r}"
                 + ("" if index is None else f" at index {index}")
                 + f" for {product!r} is kept (only recent anomalous predictions are); upload the image instead")
+        if item.upload is None:
+            raise RecentImageAmbiguous(f"request id {request_id[:64]!r} was sent with more than one flagged "
+                                       "image, so which one to stage is unknown; upload the image instead")
         return item.upload

@@ -148,6 +148,15 @@ def test_feedback_is_admin_only_and_stages_only_valid_images(http, bottle_good, 
                       json={"request_id": "feedback-test-1"})
     assert other.status_code == 404
     assert http.post(feedback, headers=ADMIN, json={"index": 0}).status_code == 400
+    # The client chooses X-Request-ID: a second flagged image under the same id (another
+    # camera's, or a planted one) makes the id ambiguous, and neither image is staged.
+    for path in bottle_defect[1:3]:
+        reused = http.post(f"/v1/products/{product}/predict", content=path.read_bytes(), params={"heatmap": "none"},
+                           headers={"Content-Type": "image/png", "X-Request-ID": "feedback-test-2"})
+        assert reused.json()["results"][0]["is_anomalous"]
+    ambiguous = http.post(feedback, headers=ADMIN, json={"request_id": "feedback-test-2"})
+    assert ambiguous.status_code == 409 and ambiguous.json()["error"]["code"] == "request_id_reused"
+    assert count() == staged + 2
     assert http.post("/v1/admin/products/no-such-product/feedback", content=good,
                      headers={**ADMIN, "Content-Type": "image/png"}).status_code == 404
 
