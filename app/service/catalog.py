@@ -106,10 +106,12 @@ class ProductCatalog:
             return self.predictor.registry.install(product, version, model)
 
     def delete(self, product: str) -> None:
-        """Remove the product's banks, its serving model and its staging set."""
+        """Remove the product's banks, its serving model and its staging set (a product whose
+        first build has not finished yet is only its staging set)."""
         with self.writing(product):
             stored = product in self.store.products()
-            if not stored and not self.predictor.registry.knows(product):
+            staged = self.staging.folder(product).is_dir()
+            if not stored and not staged and not self.predictor.registry.knows(product):
                 raise ProductNotFound(f"no product named {product!r}")
             if stored:
                 self.store.delete_product(product)

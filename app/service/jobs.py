@@ -362,10 +362,15 @@ class JobRunner:
         except BuildCancelled:
             state = "cancelled"
         except Exception as exc:
-            job.error = build_error(exc)
-            logger.exception("build %s for %s failed", job.id, job.product,
-                             extra={"job_id": job.id, "product": job.product})
-            state = "failed"
+            if job.cancel_event.is_set():
+                # Cancelled by a product delete, which then removed the staged files under
+                # the build: whatever failed after that is the cancellation, not the images.
+                state = "cancelled"
+            else:
+                job.error = build_error(exc)
+                logger.exception("build %s for %s failed", job.id, job.product,
+                                 extra={"job_id": job.id, "product": job.product})
+                state = "failed"
         job.phase_times[job.phase] = job.phase_times.get(job.phase, 0.0) + (
             time.perf_counter() - phase_started)
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -12,6 +13,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from app.service.jobs import Job
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5,
                     5.0, 10.0, 30.0)
@@ -65,11 +69,16 @@ class ServiceMetrics:
         self.build_jobs = Gauge("patchcore_build_jobs", "Build jobs by state", ["state"],
                                 registry=r)
         self.build_duration = Histogram("patchcore_build_duration_seconds",
-                                        "Duration of finished bank builds",
+                                        "Running time of bank builds that succeeded",
                                         buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
                                         registry=r)
         for state in JOB_STATES:
             self.build_jobs.labels(state).set(0)
+
+    def build_finished(self, job: Job) -> None:
+        """JobRunner's on_finished: the running time of every build that wrote a bank."""
+        if job.state == "succeeded" and job.started_at is not None and job.finished_at is not None:
+            self.build_duration.observe(max(0.0, job.finished_at - job.started_at))
 
     # --------------------------------------------------------------- BatchObserver
     def batch_done(self, size: int, queued_s: Sequence[float], compute_s: float) -> None:

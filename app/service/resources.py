@@ -155,7 +155,7 @@ class Resources:
         else:
             jobs = JobRunner(catalog, predictor.embedder, max_finished=settings.max_finished_jobs,
                              min_images=settings.min_build_images, records_dir=settings.jobs_dir,
-                             on_change=metrics.set_jobs)
+                             on_change=metrics.set_jobs, on_finished=metrics.build_finished)
         watcher = PointerWatcher(predictor.registry, settings.watch_interval_s)
         resources = cls(settings, metrics, store, predictor, staging, catalog, jobs, StoreWatch(store),
                         watcher)

@@ -188,6 +188,9 @@ def test_metrics_exposition(http, bottle_job, bottle_good):
         assert name in text, name
     assert metric_value(text, "patchcore_build_jobs", 'state="succeeded"') >= 1
     assert metric_value(text, "patchcore_bank_size", 'product="bottle"') > 0
+    # Every succeeded build's running time (the histogram was once declared and never fed).
+    assert metric_value(text, "patchcore_build_duration_seconds_count") >= 1
+    assert metric_value(text, "patchcore_build_duration_seconds_sum") > 0
 
 
 def test_staging_list_clear_and_cancel(http, bottle_job, tile_train):
@@ -198,6 +201,9 @@ def test_staging_list_clear_and_cancel(http, bottle_job, tile_train):
     assert started.status_code == 202
     again = http.post("/v1/admin/products/tile/builds", headers=ADMIN, json={})
     assert again.status_code == 409 and again.json()["error"]["code"] == "job_conflict"
+    # The running build reads the staging set: clearing it under the build is refused.
+    busy = http.delete("/v1/admin/products/tile/nominal", headers=ADMIN)
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "job_conflict", busy.text
     cancelled = http.delete(f"/v1/admin/jobs/{started.json()['id']}", headers=ADMIN)
     assert cancelled.status_code == 202 and cancelled.json()["cancel_requested"]
     job = wait_job(http, started.json()["id"])
@@ -208,6 +214,34 @@ def test_staging_list_clear_and_cancel(http, bottle_job, tile_train):
     nothing = http.post("/v1/admin/products/tile/builds", headers=ADMIN, json={})
     assert nothing.status_code == 409 and nothing.json()["error"]["code"] == "no_nominal_images"
     assert http.get("/v1/admin/jobs/nope", headers=ADMIN).status_code == 404
+
+
+def test_a_product_deleted_under_its_build_cancels_it(http, tile_train, monkeypatch):
+    """DELETE cancels the build and removes the staged files it was reading: the job ends
+    cancelled, not failed with "cannot read image file"."""
+    import threading
+
+    import app.service.jobs as jobs_module
+
+    reading, deleted = threading.Event(), threading.Event()
+    real_build = jobs_module.build_bank
+
+    def build_after_the_delete(*args, **kwargs):
+        reading.set()
+        assert deleted.wait(60)
+        return real_build(*args, **kwargs)  # its staged files are gone now
+
+    monkeypatch.setattr(jobs_module, "build_bank", build_after_the_delete)
+    assert upload(http, "tile-deleted", tile_train).status_code == 201
+    started = http.post("/v1/admin/products/tile-deleted/builds", headers=ADMIN, json={})
+    assert started.status_code == 202 and reading.wait(60)
+    try:
+        assert http.delete("/v1/admin/products/tile-deleted", headers=ADMIN).status_code == 204
+    finally:
+        deleted.set()
+    job = wait_job(http, started.json()["id"])
+    assert job["state"] == "cancelled" and job.get("error") is None, job
+    assert http.get("/v1/products/tile-deleted").status_code == 404
 
 
 def test_full_queue_answers_429_with_retry_after(server, bottle_job, bottle_good):

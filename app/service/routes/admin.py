@@ -6,7 +6,7 @@ from fastapi import APIRouter, Body, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from app.service.deps import AdminDep, CatalogDep, JobsDep, PredictorDep, ProductDep, SettingsDep, StagingDep
-from app.service.errors import InvalidUpload, ProductNotFound
+from app.service.errors import InvalidUpload, JobConflict, ProductNotFound
 from app.service.jobs import BuildParams
 from app.service.schemas import (
     ERROR_RESPONSES,
@@ -63,8 +63,12 @@ async def list_nominal(product: ProductDep, staging: StagingDep) -> dict:
 
 
 @router.delete("/products/{product}/nominal", response_model=StagingCleared)
-async def clear_nominal(product: ProductDep, staging: StagingDep) -> dict:
-    """Clear the product's staging set."""
+async def clear_nominal(product: ProductDep, staging: StagingDep, jobs: JobsDep) -> dict:
+    """Clear the product's staging set (409 while a build of the product is reading it)."""
+    busy = await run_in_threadpool(jobs.busy_with, product)
+    if busy is not None:
+        raise JobConflict(f"build {busy.id} of {product!r} is {busy.state} and reads the staging set; "
+                          "cancel it (DELETE /v1/admin/jobs/{id}) or wait for it, then clear")
     return {"product": product, "removed": await run_in_threadpool(staging.clear, product)}
 
 
