@@ -49,7 +49,7 @@ def _non_negative_float(text: str) -> float:
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     from app.core.backbones import BACKBONES, DEFAULT_BACKBONE
-    from app.core.embedding import AGGREGATIONS
+    from app.core.embedding import AGGREGATIONS, NORMALISATIONS
     from app.core.patchcore import PatchCoreConfig
 
     defaults = PatchCoreConfig()
@@ -73,6 +73,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="3x3 neighbourhood: mean, or flatten (official: C x 3 x 3 pooled to --stage-dim)")
     parser.add_argument("--top-k", type=int, default=defaults.top_k,
                         help="image score = mean of the top K patch scores (1: the maximum)")
+    parser.add_argument("--normalisation", default=defaults.embedder.normalisation, choices=list(NORMALISATIONS),
+                        help="pixel normalisation: dataset (the backbone's statistics) or image (each image "
+                             "brought to one reference exposure first; README)")
     framing = parser.add_mutually_exclusive_group()
     framing.add_argument("--centre-crop", type=float, default=None, metavar="F",
                          help="frame the central fraction F of width and height (0.875 = resize 256, crop 224)")
@@ -121,7 +124,8 @@ def _config_from(args: argparse.Namespace):
     from app.core.patchcore import PatchCoreConfig
 
     embedder = EmbedderConfig(backbone=args.backbone, image_size=args.image_size, stage_dim=args.stage_dim or None,
-                              patch_size=args.patch_size, aggregation=args.aggregation)
+                              patch_size=args.patch_size, aggregation=args.aggregation,
+                              normalisation=args.normalisation)
     embedder.validate()
     ratio = 0.1 if args.coreset_ratio is None else args.coreset_ratio
     return PatchCoreConfig(embedder=embedder, coreset_ratio=ratio, coreset_size=args.coreset_size,

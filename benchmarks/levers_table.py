@@ -28,7 +28,8 @@ def row(r: dict) -> str:
     patch = r.get("patch_size", 3)  # runs before these options existed used 3 and sigma 4
     sigma = r.get("map_sigma", 4.0)  # absent in runs before the option; 0 is a valid setting
     return (f"| {r['category']} | {r['name']} | {framing_text(r['framing'])} {r['image_size']} "
-            f"| {r['aggregation']} {patch}x{patch}{', stages balanced' if r.get('stage_balance') else ''} "
+            f"| {r['aggregation']} {patch}x{patch}{', stages balanced' if r.get('stage_balance') else ''}"
+            f"{', image exposure' if r.get('normalisation') == 'image' else ''} "
             f"| {sigma:g} "
             f"| {r['feature_dim']} | {r['coreset_ratio']:g} | {train} | {r['image_auroc']:.4f} "
             f"| {alt.get('top10', float('nan')):.4f} | {alt.get('top1pct', float('nan')):.4f} | {pixel} "

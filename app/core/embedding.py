@@ -24,6 +24,13 @@ from app.core.framing import Box
 from app.core.ov_runtime import OpenVINOStages, resolve_precision, resolve_runtime
 
 AGGREGATIONS = ("mean", "flatten")
+# "dataset": pixels normalised with the backbone's training statistics only (the paper's
+# pipeline); "image": each image is first brought to one reference exposure
+# (`standardise_exposure`), so a brighter or flatter frame of a good part looks like the rest.
+NORMALISATIONS = ("dataset", "image")
+# Contrast below this (grey levels, std over the frame) is not stretched further: a flat
+# frame's sensor noise must not be blown up to full contrast.
+MIN_EXPOSURE_STD = 2.0
 # Neighbourhood bound: 9 cells of the stride-8 stage span 72 px of the input (the paper's p = 3: 24 px).
 MAX_PATCH_SIZE = 9
 
@@ -70,6 +77,8 @@ class EmbedderConfig:
     # Measured on transistor / magnetic_tile / bottle (README): flatten lifts image
     # AUROC from 0.921 to 0.995 / 0.787 to 0.881 (subset) / 1.000 to 1.000.
     aggregation: str = "flatten"
+    # How pixel values are normalised before the backbone (NORMALISATIONS).
+    normalisation: str = "dataset"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,8 +86,10 @@ class EmbedderConfig:
     @classmethod
     def from_dict(cls, data: dict) -> EmbedderConfig:
         # Banks from before `aggregation` existed averaged the neighbourhood.
+        # Banks from before `normalisation` existed used the dataset statistics only.
         return cls(**{k: data[k] for k in ("backbone", "image_size", "patch_size", "stage_dim")},
-                   aggregation=str(data.get("aggregation", "mean")))
+                   aggregation=str(data.get("aggregation", "mean")),
+                   normalisation=str(data.get("normalisation", "dataset")))
 
     def validate(self) -> None:
         get_backbone_spec(self.backbone)
@@ -89,6 +100,20 @@ class EmbedderConfig:
             raise ValueError("stage_dim must be positive")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}")
+
+
+def standardise_exposure(pixels: torch.Tensor, reference_mean: float, reference_std: float) -> torch.Tensor:
+    """(..., 3, S, S) float grey levels -> the same image with the mean and standard deviation
+    of all its values (channels and positions together) set to the reference, in place.
+
+    An affine change of all three channels alike (exposure, gain, lighting drift) is undone;
+    the colours' ratios and every local difference, which is what a defect is, are kept.
+    """
+    mean = pixels.mean(dim=(-3, -2, -1), keepdim=True)
+    std = pixels.std(dim=(-3, -2, -1), keepdim=True).clamp_min_(MIN_EXPOSURE_STD)
+    return pixels.sub_(mean).mul_(reference_std / std).add_(reference_mean)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -120,6 +145,8 @@ class PatchEmbedder:
         self._inv_std = 1.0 / (np.asarray(spec.std, dtype=np.float32) * 255.0)
         self._mean_t = torch.from_numpy(self._mean)[:, None, None]
         self._inv_std_t = torch.from_numpy(self._inv_std)[:, None, None]
+        # The reference exposure of normalisation "image": the training set's, over the channels.
+        self._reference = (float(np.mean(spec.mean)) * 255.0, float(np.mean(spec.std)) * 255.0)
         self._normalisation: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         module = load_backbone(config.backbone, weights_path)
         self.runtime = resolve_runtime(runtime, self.device)
@@ -169,6 +196,8 @@ class PatchEmbedder:
                                                              reducing_gap=RESIZE_REDUCING_GAP))
         # In torch, in place on the one float copy: 0.15 ms instead of numpy's 0.54 at 224 px.
         pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
+        if self.config.normalisation == "image":
+            standardise_exposure(pixels, *self._reference)
         return pixels.sub_(self._mean_t).mul_(self._inv_std_t)
 
     def preprocess_decoded(self, image: torch.Tensor, box: Box | None = None) -> torch.Tensor:
@@ -189,6 +218,8 @@ class PatchEmbedder:
         if pixels.shape[-2:] != (size, size):
             pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False,
                                    antialias=True).round_().clamp_(0.0, 255.0)
+        if self.config.normalisation == "image":
+            standardise_exposure(pixels, *self._reference)
         mean, inv_std = self._normalisation_on(pixels.device)
         return pixels[0].sub_(mean).mul_(inv_std)
 

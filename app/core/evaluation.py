@@ -166,6 +166,7 @@ def evaluate_bank(
         "backbone": embedder.config.backbone,
         "image_size": embedder.config.image_size,
         "aggregation": embedder.config.aggregation,
+        "normalisation": embedder.config.normalisation,
         "patch_size": embedder.config.patch_size,
         "stage_dim": embedder.config.stage_dim,
         "framing": model.framing.to_dict(),

@@ -76,7 +76,7 @@ def build_error(exc: BaseException) -> dict[str, str]:
 
 # BuildParams fields only a full build can set (BuildParams.append_overrides has the others).
 _KEPT_BY_APPEND = ("backbone", "image_size", "patch_size", "stage_dim", "framing", "false_alarm_rate",
-                   "map_sigma", "stage_balance")
+                   "map_sigma", "stage_balance", "normalisation")
 
 
 @dataclass(frozen=True)
@@ -95,17 +95,20 @@ class BuildParams:
     patch_size: int | None = None
     stage_dim: int | None = None
     stage_balance: bool | None = None
+    normalisation: str | None = None
 
     def config(self) -> PatchCoreConfig:
         """The full build's config (an append build's comes from its base bank)."""
         defaults = PatchCoreConfig()
         embedder = defaults.embedder
-        if any(v is not None for v in (self.backbone, self.image_size, self.patch_size, self.stage_dim)):
+        if any(v is not None for v in (self.backbone, self.image_size, self.patch_size, self.stage_dim,
+                                       self.normalisation)):
             embedder = EmbedderConfig(**{**embedder.to_dict(),
                                          "backbone": self.backbone or embedder.backbone,
                                          "image_size": self.image_size or embedder.image_size,
                                          "patch_size": self.patch_size or embedder.patch_size,
-                                         "stage_dim": self.stage_dim or embedder.stage_dim})
+                                         "stage_dim": self.stage_dim or embedder.stage_dim,
+                                         "normalisation": self.normalisation or embedder.normalisation})
             embedder.validate()
         changes: dict[str, Any] = {"embedder": embedder}
         if self.framing is not None:

@@ -35,6 +35,7 @@ def describe_bank(bank: MemoryBank) -> dict:
         "backbone": embedder.get("backbone"),
         "image_size": embedder.get("image_size"),
         "patch_size": embedder.get("patch_size"),
+        "normalisation": embedder.get("normalisation", "dataset"),
         "framing": bank_framing(manifest).to_dict(),
         "false_alarm_rate": calibration.get("false_alarm_rate"),
         "map_sigma": (manifest.get("config") or {}).get("gaussian_sigma", PatchCoreConfig.gaussian_sigma),

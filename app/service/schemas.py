@@ -94,6 +94,8 @@ class ProductInfo(BaseModel):
                                     "network-input pixels)")
     stage_balance: bool | None = Field(default=None, description="each backbone stage scaled to an equal "
                                        "measured share of the distance (a build option)")
+    normalisation: str | None = Field(default=None, description="pixel normalisation before the backbone: "
+                                      "dataset or image (each image at one reference exposure)")
     bank_size: int | None = None
     feature_dim: int | None = None
     threshold: float | None = None
@@ -172,6 +174,9 @@ class BuildRequest(BaseModel):
     stage_balance: bool | None = Field(
         default=None, description="scale each backbone stage to an equal share of the distance, measured on "
         "the nominal images (default false; better image scores and coarser maps on textures, README)")
+    normalisation: Literal["dataset", "image"] | None = Field(
+        default=None, description="pixel normalisation: dataset (the backbone's statistics only) or image "
+        "(each image first brought to one reference exposure, against lighting drift; README)")
 
     @model_validator(mode="after")
     def _options_are_valid(self) -> BuildRequest:

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.core.embedding import EmbedderConfig
+from app.core.embedding import EmbedderConfig, create_embedder
 
 
 def test_patch_features_shape_and_batch_independence(lite0):
@@ -55,7 +55,6 @@ def test_aggregation_is_3x3_average_then_upsample_with_equal_stage_weight(lite0_
 
 
 def test_stage_dim_pools_channels(lite0_small):
-    from app.core.embedding import create_embedder
 
     reduced = create_embedder(EmbedderConfig(image_size=128, stage_dim=32), device="cpu")
     assert reduced.feature_dim == 32 + 32
@@ -63,7 +62,8 @@ def test_stage_dim_pools_channels(lite0_small):
     assert out.shape == (1, 16, 16, 64)
 
 
-@pytest.mark.parametrize("bad", [{"image_size": 100}, {"patch_size": 2}, {"stage_dim": 0}])
+@pytest.mark.parametrize("bad", [{"image_size": 100}, {"patch_size": 2}, {"stage_dim": 0},
+                                 {"normalisation": "per-pixel"}])
 def test_invalid_config_is_refused(bad):
     with pytest.raises(ValueError):
         EmbedderConfig(**bad).validate()
@@ -89,3 +89,27 @@ def test_flatten_aggregation_keeps_the_neighbourhood_layout():
     out = pooled.aggregate([stage8, stage16])
     torch.testing.assert_close(out[0, 5, 10, :64], F.adaptive_avg_pool1d(expected[None, None] * np.sqrt(360), 64)[0, 0]
                                / np.sqrt(64))
+
+
+def test_image_normalisation_undoes_exposure_and_gain(shared_data):
+    """With normalisation "image" a darker, flatter shot of the same part gives the same
+    network input (up to the shot's own rounding to whole grey levels) and features."""
+    from app.core.images import decode_image
+
+    image = decode_image(sorted((shared_data / "bottle" / "train" / "good").glob("*.png"))[0])
+    shot = np.round(image.astype(np.float32) * 0.7 + 20.0).astype(np.uint8)  # within 0-255: no clipping
+    per_image = create_embedder(EmbedderConfig(image_size=128, normalisation="image"), device="cpu")
+    dataset = create_embedder(EmbedderConfig(image_size=128), device="cpu")
+    same = per_image.preprocess([image, shot])
+    assert float((same[0] - same[1]).abs().mean()) < 0.02
+    assert float((same[0].mean() - same[1].mean()).abs()) < 1e-3
+    moved = dataset.preprocess([image, shot])
+    assert float((moved[0] - moved[1]).abs().mean()) > 0.1
+    features = per_image.embed(same)
+    assert float((features[0] - features[1]).norm(dim=-1).mean()) < 0.05 * float(features[0].norm(dim=-1).mean())
+    # A flat frame is not stretched to full contrast, and a constant one stays finite.
+    flat = per_image.preprocess([np.full((64, 64, 3), 128, np.uint8)])
+    assert torch.isfinite(flat).all() and float(flat.abs().max()) < 0.5
+    # Banks from before the option used the dataset statistics.
+    stored = {k: v for k, v in EmbedderConfig().to_dict().items() if k != "normalisation"}
+    assert EmbedderConfig.from_dict(stored).normalisation == "dataset"

@@ -266,7 +266,7 @@ def test_admin_builds_a_bank_and_it_becomes_active_then_rolls_back(browser, cons
                              "mode": "full", "base_version": None, "until": "size",
                              "image_size": None, "framing": None, "false_alarm_rate": None,
                              "map_sigma": None, "patch_size": None, "stage_dim": None,
-                             "stage_balance": None}
+                             "stage_balance": None, "normalisation": None}
     assert by_id(browser, "job-phase").text == "done"
     assert seen_phases - {"done", ""}, "no phase was shown while the build ran"
     new_version = job["version"]

@@ -89,7 +89,7 @@ async def start_build(product: ProductDep, staging: StagingDep, jobs: JobsDep, r
                     image_size=params.image_size, framing=params.framing(),
                     false_alarm_rate=params.false_alarm_rate, map_sigma=params.map_sigma,
                     patch_size=params.patch_size, stage_dim=params.stage_dim,
-                    stage_balance=params.stage_balance),
+                    stage_balance=params.stage_balance, normalisation=params.normalisation),
         lambda: paths, image_count=len(paths))
     response.headers["Location"] = f"/v1/admin/jobs/{job.id}"
     return job.describe()
