@@ -42,7 +42,8 @@ def test_append_requests_that_cannot_work(http, base_version):
     assert backbone.status_code == 422 and backbone.json()["error"]["code"] == "invalid_build_request"
     # What the base was built and calibrated with is refused by name, never ignored.
     for option in ({"image_size": 320}, {"patch_size": 5}, {"stage_dim": 32}, {"centre_crop": 0.875},
-                   {"false_alarm_rate": 0.001}, {"map_sigma": 8.0}, {"stage_balance": False}):
+                   {"false_alarm_rate": 0.001}, {"map_sigma": 8.0}, {"stage_balance": False},
+                   {"normalisation": "image"}):
         kept = http.post(f"{BASE}/builds", headers=ADMIN, json={"mode": "append", **option})
         assert kept.status_code == 422 and kept.json()["error"]["code"] == "invalid_build_request", kept.text
         name = "framing" if "centre_crop" in option else next(iter(option))

@@ -12,7 +12,8 @@ from app.service.schemas import BuildRequest
 
 def test_build_params_with_framing_round_trip_through_json():
     params = BuildParams(coreset_ratio=0.05, seed=3, image_size=320, framing=Framing(mode="roi", roi=(1, 2, 300, 400)),
-                         false_alarm_rate=0.001, map_sigma=8.0, patch_size=5, stage_dim=32, stage_balance=True)
+                         false_alarm_rate=0.001, map_sigma=8.0, patch_size=5, stage_dim=32, stage_balance=True,
+                         normalisation="image")
     record = json.loads(json.dumps(params.describe()))
     assert record["framing"] == {"mode": "roi", "fraction": 1.0, "roi": [1, 2, 300, 400]}
     again = BuildParams.from_dict(record)
@@ -24,6 +25,7 @@ def test_build_params_with_framing_round_trip_through_json():
     assert config.embedder.patch_size == 5 and BuildParams().config().embedder.patch_size == 3
     assert config.embedder.stage_dim == 32 and BuildParams().config().embedder.stage_dim == 64
     assert config.stage_balance is True and BuildParams().config().stage_balance is False
+    assert config.embedder.normalisation == "image"
     assert BuildParams.from_dict({"coreset_ratio": 0.1, "unknown": 1}).config().framing == Framing()
 
 

@@ -286,7 +286,7 @@ def test_openapi_documents_every_endpoint(http):
     assert "ErrorResponse" in schema["components"]["schemas"]
 
 
-def test_framing_through_the_admin_api(http, bottle_train, bottle_defect):
+def test_framing_through_the_admin_api(http, bottle_job, bottle_train, bottle_defect):
     """A product's framing, false-alarm budget, map smoothing and neighbourhood: set at build, listed,
     applied at predict."""
     refused = http.post("/v1/admin/products/framed/builds", headers=ADMIN,
@@ -299,7 +299,8 @@ def test_framing_through_the_admin_api(http, bottle_train, bottle_defect):
     roi = [250, 200, 650, 700]
     started = http.post("/v1/admin/products/framed/builds", headers=ADMIN,
                         json={"roi": roi, "image_size": 128, "coreset_ratio": 0.1, "false_alarm_rate": 0.001,
-                              "map_sigma": 8.0, "patch_size": 5, "stage_dim": 32, "stage_balance": True})
+                              "map_sigma": 8.0, "patch_size": 5, "stage_dim": 32, "stage_balance": True,
+                              "normalisation": "image"})
     assert started.status_code == 202, started.text
     assert started.json()["params"]["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi}
     job = wait_job(http, started.json()["id"])
@@ -309,6 +310,9 @@ def test_framing_through_the_admin_api(http, bottle_train, bottle_defect):
     assert listed["image_size"] == 128 and listed["false_alarm_rate"] == 0.001 and listed["map_sigma"] == 8.0
     assert listed["patch_size"] == 5 and listed["feature_dim"] == 64  # 32 values from each of 2 stages
     assert listed["stage_balance"] is True and http.get("/v1/products/bottle").json()["stage_balance"] is False
+    assert listed["normalisation"] == "image"
+    refused = http.post("/v1/admin/products/framed/builds", headers=ADMIN, json={"normalisation": "histogram"})
+    assert refused.status_code == 422, refused.text
     response = predict(http, "framed", bottle_defect[0], heatmap="png", regions="true")
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]

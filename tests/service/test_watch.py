@@ -28,7 +28,7 @@ def tiny_bank(seed: int) -> MemoryBank:
 
 
 def fake_embedder(config: EmbedderConfig):  # only what PatchCoreModel reads; nothing is scored here
-    return SimpleNamespace(config=config, feature_dim=DIM, device=torch.device("cpu"))
+    return SimpleNamespace(config=config, feature_dim=DIM, stage_dims=[DIM // 2, DIM // 2], device=torch.device("cpu"))
 
 
 def registry_on(store: LocalBankStore) -> ProductRegistry:
