@@ -111,9 +111,8 @@ def standardise_exposure(pixels: torch.Tensor, reference_mean: float, reference_
     An affine change of all three channels alike (exposure, gain, lighting drift) is undone;
     the colours' ratios and every local difference, which is what a defect is, are kept.
     """
-    mean = pixels.mean(dim=(-3, -2, -1), keepdim=True)
-    std = pixels.std(dim=(-3, -2, -1), keepdim=True).clamp_min_(MIN_EXPOSURE_STD)
-    return pixels.sub_(mean).mul_(reference_std / std).add_(reference_mean)
+    std, mean = torch.std_mean(pixels, dim=(-3, -2, -1), keepdim=True)
+    return pixels.sub_(mean).mul_(reference_std / std.clamp_min_(MIN_EXPOSURE_STD)).add_(reference_mean)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
