@@ -74,8 +74,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=defaults.top_k,
                         help="image score = mean of the top K patch scores (1: the maximum)")
     parser.add_argument("--normalisation", default=defaults.embedder.normalisation, choices=list(NORMALISATIONS),
-                        help="pixel normalisation: dataset (the backbone's statistics) or image (each image "
-                             "brought to one reference exposure first; README)")
+                        help="pixel normalisation: image (each image brought to one reference exposure "
+                             "first) or dataset (the backbone's statistics only); default %(default)s")
     framing = parser.add_mutually_exclusive_group()
     framing.add_argument("--centre-crop", type=float, default=None, metavar="F",
                          help="frame the central fraction F of width and height (0.875 = resize 256, crop 224)")

@@ -27,9 +27,13 @@ def row(r: dict) -> str:
     train = f"{r['train_images']}" + (f" (every {r['train_every']}th)" if r.get("train_every", 1) > 1 else "")
     patch = r.get("patch_size", 3)  # runs before these options existed used 3 and sigma 4
     sigma = r.get("map_sigma", 4.0)  # absent in runs before the option; 0 is a valid setting
+    # Absent in runs before the option (dataset) and in one run that started just before the
+    # evaluation recorded it (its command says which).
+    normalisation = r.get("normalisation") or ("image" if "--normalisation image" in r.get("command", "")
+                                                else "dataset")
     return (f"| {r['category']} | {r['name']} | {framing_text(r['framing'])} {r['image_size']} "
             f"| {r['aggregation']} {patch}x{patch}{', stages balanced' if r.get('stage_balance') else ''}"
-            f"{', image exposure' if r.get('normalisation') == 'image' else ''} "
+            f"{', image exposure' if normalisation == 'image' else ''} "
             f"| {sigma:g} "
             f"| {r['feature_dim']} | {r['coreset_ratio']:g} | {train} | {r['image_auroc']:.4f} "
             f"| {alt.get('top10', float('nan')):.4f} | {alt.get('top1pct', float('nan')):.4f} | {pixel} "

@@ -6,8 +6,11 @@
 set -euo pipefail
 data=${1:-../shared/data}
 py=${PYTHON:-.venv/bin/python}
-run() { category=$1; name=$2; shift 2
+# Every run before stop 19 normalised pixels with the backbone's dataset statistics only (the
+# default then); `run` keeps them so, and `run_now` takes today's defaults.
+run_now() { category=$1; name=$2; shift 2
         PYTHONPATH=. nice "$py" benchmarks/sweep_levers.py --data "$data" --category "$category" --name "$name" "$@"; }
+run() { run_now "$@" --normalisation dataset; }
 mean=(--aggregation mean --stage-dim 0)
 flat=(--aggregation flatten --stage-dim 256)
 # transistor: 10% (the target) and 1% coreset for the cheaper screens
@@ -49,3 +52,17 @@ run magnetic_tile e4_sd16 --train-every 4 --stage-dim 16
 # Is the bank's size magnetic_tile's limit? A quarter and all of the patches (stop 18).
 run magnetic_tile e4_coreset0.25 --train-every 4 --coreset-ratio 0.25
 run magnetic_tile e4_coreset1.0 --train-every 4 --coreset-ratio 1.0
+# Stop 19. Stage balancing (each stage an equal measured share of the distance), with the
+# dataset normalisation of the runs above:
+for category in transistor bottle magnetic_tile; do
+  run "$category" stage_balance --stage-balance
+done
+run magnetic_tile stage_balance_sigma12 --stage-balance --map-sigma 12
+# Per-image exposure normalisation, the default since: all three full sets, then with stage
+# balancing, and magnetic_tile's per-product setting with the wider map smoothing as well.
+run_now magnetic_tile e4_image_norm --train-every 4
+for category in transistor bottle magnetic_tile; do
+  run_now "$category" image_norm
+  run_now "$category" image_norm_sb --stage-balance
+done
+run_now magnetic_tile image_norm_sb_sigma12 --stage-balance --map-sigma 12

@@ -175,8 +175,8 @@ class BuildRequest(BaseModel):
         default=None, description="scale each backbone stage to an equal share of the distance, measured on "
         "the nominal images (default false; better image scores and coarser maps on textures, README)")
     normalisation: Literal["dataset", "image"] | None = Field(
-        default=None, description="pixel normalisation: dataset (the backbone's statistics only) or image "
-        "(each image first brought to one reference exposure, against lighting drift; README)")
+        default=None, description="pixel normalisation: image (default: each image first brought to one "
+        "reference exposure, against lighting drift) or dataset (the backbone's statistics only; README)")
 
     @model_validator(mode="after")
     def _options_are_valid(self) -> BuildRequest:

@@ -81,7 +81,9 @@ def test_device_input_matches_the_cpu_preprocessing_of_the_same_pixels(frame, li
 
     box = (100.4, 50.6, 700.2, 850.8)
     framed = decode_to_network_input([(data, (900, 900), box)], CPU, lite0.preprocess_decoded)[0]
-    assert float((framed - lite0.preprocess_one(pixels, box)).abs().mean()) < 0.01
+    # 0.011 measured with the default exposure normalisation: the CPU path's sub-pixel box moves
+    # the frame's mean and spread a little, and every pixel with them (under 0.01 with "dataset").
+    assert float((framed - lite0.preprocess_one(pixels, box)).abs().mean()) < 0.02
 
 
 def test_device_input_with_image_normalisation_matches_the_cpu_path(frame):

@@ -99,7 +99,7 @@ def test_image_normalisation_undoes_exposure_and_gain(shared_data):
     image = decode_image(sorted((shared_data / "bottle" / "train" / "good").glob("*.png"))[0])
     shot = np.round(image.astype(np.float32) * 0.7 + 20.0).astype(np.uint8)  # within 0-255: no clipping
     per_image = create_embedder(EmbedderConfig(image_size=128, normalisation="image"), device="cpu")
-    dataset = create_embedder(EmbedderConfig(image_size=128), device="cpu")
+    dataset = create_embedder(EmbedderConfig(image_size=128, normalisation="dataset"), device="cpu")
     same = per_image.preprocess([image, shot])
     assert float((same[0] - same[1]).abs().mean()) < 0.02
     assert float((same[0].mean() - same[1].mean()).abs()) < 1e-3
