@@ -224,6 +224,9 @@ class JobRunner:
         self._on_finished = on_finished
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
+        # One record write at a time, each of the job as it is then: a cancel's write (from a
+        # request) can no longer land after the worker's final one with an older state.
+        self._record_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="build-worker")
         self._restore()
 
@@ -429,14 +432,15 @@ class JobRunner:
         if self.records_dir is None:
             return
         try:
-            self.records_dir.mkdir(parents=True, exist_ok=True)
-            fd, temp = tempfile.mkstemp(prefix=".job-", suffix=".tmp", dir=self.records_dir)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(job.describe(), handle)
-                os.replace(temp, self.records_dir / f"{job.id}{_RECORD_SUFFIX}")
-            finally:
-                Path(temp).unlink(missing_ok=True)
+            with self._record_lock:
+                self.records_dir.mkdir(parents=True, exist_ok=True)
+                fd, temp = tempfile.mkstemp(prefix=".job-", suffix=".tmp", dir=self.records_dir)
+                try:
+                    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                        json.dump(job.describe(), handle)
+                    os.replace(temp, self.records_dir / f"{job.id}{_RECORD_SUFFIX}")
+                finally:
+                    Path(temp).unlink(missing_ok=True)
         except OSError as exc:
             logger.warning("could not write the record of job %s: %s", job.id, exc.strerror)
 
