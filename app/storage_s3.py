@@ -88,6 +88,8 @@ def _error_code(exc: Exception) -> tuple[str, int]:
 
 def _is_missing(exc: Exception) -> bool:
     code, status = _error_code(exc)
+    if code == "NoSuchBucket":  # the store is gone or misnamed: unavailable, not an absent object
+        return False
     return code in ("NoSuchKey", "404", "NotFound") or status == 404
 
 
@@ -436,6 +438,12 @@ class S3BankStore:
             manifest = self._manifest(product, version)
             if manifest is None:
                 raise VersionNotFound(f"product {product!r} has no version {version!r}")
+            # The service loads the version the pointer names explicitly (registry, watcher,
+            # Ray replicas): the pointer's checksum guards that load as well.
+            pointer = self._read_pointer(product)
+            if pointer.version == version and _sha256(manifest) != pointer.manifest_sha256:
+                raise BankCorrupt(f"bank {product}/{version}: manifest checksum mismatch "
+                                  "(the object changed after activation)")
         return version, self.cache.load(product, version, manifest, self._downloader(product, version))
 
     def _downloader(self, product: str, version: str) -> Callable[[str, Path], None]:
@@ -461,7 +469,6 @@ class S3BankStore:
         version = new_version_name()
         work = self.cache._tmpdir(f"{product}/{version}")
         directory = work / version
-        uploaded: list[str] = []
         try:
             try:
                 save_bank(bank, directory)
@@ -476,11 +483,13 @@ class S3BankStore:
                 # One PUT per file (banks are far below S3's 5 GB limit); the open file lets botocore retry.
                 with self._errors(f"saving {product}/{version}"), (directory / filename).open("rb") as handle:
                     self._s3.put_object(Bucket=self.bucket, Key=key, Body=handle)
-                uploaded.append(key)
         except BaseException:
-            for key in reversed(uploaded):
+            # Every key of this (new, unique) version, manifest first: a PUT whose answer was
+            # lost may still have stored its object, and a manifest left behind would be a
+            # listed version without its arrays.
+            for filename in reversed(BANK_FILES):
                 with contextlib.suppress(Exception):
-                    self._s3.delete_object(Bucket=self.bucket, Key=key)
+                    self._s3.delete_object(Bucket=self.bucket, Key=self._key(product, version, filename))
             shutil.rmtree(work, ignore_errors=True)
             raise
         try:

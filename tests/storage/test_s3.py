@@ -93,6 +93,30 @@ def test_manifest_changed_after_activation_is_refused(make_store, seaweed):
     client.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(manifest).encode())
     with pytest.raises(BankCorrupt, match="manifest checksum"):
         make_store("other").load("bottle")
+    # The service loads the version the pointer names by its name: guarded the same way.
+    with pytest.raises(BankCorrupt, match="manifest checksum"):
+        make_store("third").load("bottle", version)
+
+
+def test_a_save_whose_manifest_answer_was_lost_leaves_no_version(make_store):
+    """The server stored the manifest but the client timed out: the version must not stay
+    listed without its arrays (the cleanup once deleted only what had answered)."""
+    from botocore.exceptions import ReadTimeoutError
+
+    store = make_store()
+    real_put = store._s3.put_object
+
+    def put_then_lose_the_answer(**kwargs):
+        answer = real_put(**kwargs)
+        if kwargs["Key"].endswith("manifest.json"):
+            raise ReadTimeoutError(endpoint_url=kwargs["Key"])
+        return answer
+
+    store._s3.put_object = put_then_lose_the_answer
+    with pytest.raises(StoreUnavailable):
+        store.save("bottle", tiny_bank())
+    reader = make_store("reader")
+    assert reader.versions("bottle") == [] and "bottle" not in reader.products()
 
 
 def test_server_that_ignores_conditional_writes_is_refused(make_store):
@@ -118,6 +142,11 @@ def test_missing_bucket_and_bad_credentials_are_unavailable(seaweed, tmp_path):
                           session=seaweed.session(), cache_dir=tmp_path / "c1", max_attempts=1)
     with pytest.raises(StoreUnavailable):
         missing.ping()
+    # Every read says so too, not "no such product / version" (a 404 a client takes as final).
+    for read in (lambda: missing.active_version("bottle"), lambda: missing.load("bottle", "20260101T000000Z-abcdef"),
+                 lambda: missing.activate("bottle", "20260101T000000Z-abcdef")):
+        with pytest.raises(StoreUnavailable):
+            read()
     import boto3
 
     wrong = S3BankStore(bucket=BUCKET, endpoint_url=seaweed.endpoint_url, cache_dir=tmp_path / "c2",
