@@ -37,6 +37,16 @@ def _map_sigma(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:  # uvicorn would bind value mod 65536 and log the number given
+        raise argparse.ArgumentTypeError(f"must be 0-65535, got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -164,8 +174,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     from app.storage import LocalBankStore, check_product_name
 
     check_product_name(args.product)
-    if args.base_version and not args.append:
-        raise ValueError("--base-version only goes with --append")
+    if not args.append and (args.base_version or args.until != "size"):
+        raise ValueError("--base-version and --until only go with --append")
+    if args.append:
+        # What the base bank was built and calibrated with: refused by name, never ignored
+        # (the admin API answers the same with a 422).
+        kept = [f"--{dest.replace('_', '-')}" for dest in _KEPT_BY_APPEND
+                if getattr(args, dest) != args.option_defaults[dest]]
+        if kept:
+            raise ValueError(f"an append build keeps its base bank's {', '.join(kept)}; leave "
+                             f"{'it' if len(kept) == 1 else 'them'} out")
     images = list_images(args.images)
     validation = None
     if args.validation:
@@ -186,6 +204,12 @@ def cmd_build(args: argparse.Namespace) -> int:
                       "timings": bank.manifest["timings"], "peak_rss_mb": round(peak_rss_mb(), 1),
                       "path": str(store.root / args.product / version)}, indent=2))
     return 0
+
+
+# Build options an append cannot change: they decide the base bank's features, scores or threshold.
+_KEPT_BY_APPEND = ("backbone", "image_size", "stage_dim", "patch_size", "aggregation", "normalisation",
+                   "centre_crop", "roi", "holdout_fraction", "map_sigma", "false_alarm_rate", "stage_balance",
+                   "top_k", "reweight", "projection_dim")
 
 
 def _append(args: argparse.Namespace, store, images, validation) -> int:
@@ -245,9 +269,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = PatchCoreModel(bank, embedder, args.search_backend, args.search_precision)
     heatmap_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
     if heatmap_dir is not None:
+        if heatmap_dir.exists() and not heatmap_dir.is_dir():
+            raise ValueError(f"--heatmap-dir {heatmap_dir} exists and is not a folder")
         heatmap_dir.mkdir(parents=True, exist_ok=True)
+    # Images of one name from several folders (every MVTec defect folder has a 000.png) would
+    # overwrite each other's heatmap: then every file name starts with the image's position.
+    stems = [Path(p).stem for p in args.images]
+    numbered = len(set(stems)) < len(stems)
     any_anomalous = False
-    for path in args.images:
+    for index, path in enumerate(args.images):
         image = decode_image(Path(path), max_pixels=None)
         prediction = model.predict([image])[0]
         any_anomalous |= prediction.is_anomalous
@@ -255,7 +285,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                   "score": round(prediction.score, 4), "threshold": round(prediction.threshold, 4),
                   "is_anomalous": prediction.is_anomalous, "product": args.product, "version": version}
         if heatmap_dir is not None:
-            out = heatmap_dir / f"{Path(path).stem}_heatmap.png"
+            name = f"{index:04d}_{Path(path).stem}" if numbered else Path(path).stem
+            out = heatmap_dir / f"{name}_heatmap.png"
             out.write_bytes(overlay_png(prediction.normalised_map, image))
             record["heatmap"] = str(out)
         print(json.dumps(record))
@@ -325,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --append: grow to the coreset ratio of all patches seen (size), or stop "
                             "once the new patches are covered as well as the base's (radius)")
     _add_engine_options(build)
-    build.set_defaults(func=cmd_build)
+    build.set_defaults(func=cmd_build, option_defaults={a.dest: a.default for a in build._actions})
 
     predict = sub.add_parser("predict", help="score images with a product's active bank")
     predict.add_argument("--product", required=True)
@@ -351,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the REST service")
     serve.add_argument("--host", default=os.environ.get("PATCHCORE_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("PATCHCORE_PORT", "8000")))
+    serve.add_argument("--port", type=_port, default=os.environ.get("PATCHCORE_PORT", "8000"),
+                       help="0-65535 (default $PATCHCORE_PORT or 8000)")
     serve.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
                        help="uvicorn: one process (default); ray: Ray Serve replicas (pip install -e '.[ray]')")
     serve.add_argument("--address", default=None,

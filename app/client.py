@@ -122,6 +122,8 @@ class PatchCoreClient:
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0,
                  transport: httpx.BaseTransport | None = None, retries: int = 0):
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries}")
         self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport,
                                   headers=_headers(api_key))
         self.retries = retries
@@ -246,6 +248,8 @@ class AsyncPatchCoreClient:
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0,
                  transport: httpx.AsyncBaseTransport | None = None, retries: int = 0):
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries}")
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport,
                                        headers=_headers(api_key))
         self.retries = retries

@@ -52,7 +52,10 @@ class SimulationResult:
 
     cameras: int
     rate_per_camera: float
-    duration_s: float  # from the first frame to the last answer
+    # From the first frame to the last answer, but at least the frames' own time (each frame
+    # stands for one period of its camera): N frames span N periods, not N - 1, so a short
+    # run no longer reports more than the offered rate.
+    duration_s: float
     sent: int = 0
     ok: int = 0
     anomalous: int = 0
@@ -249,7 +252,7 @@ async def simulate(
     try:
         await asyncio.gather(*(camera(i) for i in range(cameras)))
     finally:
-        result.duration_s = loop.time() - start
+        result.duration_s = max(loop.time() - start, scheduled / (cameras * rate_per_camera))
         if own_client:
             closer = getattr(client, "aclose", None) or getattr(client, "close", None)
             if closer is not None:

@@ -118,6 +118,15 @@ def test_counts_add_up_with_errors_by_status(stub):
     assert "p95" in result.summary()
 
 
+def test_throughput_never_exceeds_the_offered_rate_on_a_short_run(stub):
+    """N frames span N periods of their camera: counted from the first frame to the last
+    answer alone, 2 frames at 2/s once reported about 4 answers per second."""
+    url, _ = stub
+    result = run_simulation(url, "demo", IMAGES, rate_per_camera=2, cameras=1, duration_s=1.0)
+    assert result.ok == 2 and result.duration_s >= 1.0
+    assert result.throughput <= 2.0 + 1e-9
+
+
 def test_total_requests_stops_early(stub):
     url, state = stub
     result = run_simulation(url, "demo", IMAGES, 50, 5, duration_s=30, total_requests=25)

@@ -41,6 +41,8 @@ from app.service.settings import Settings
 logger = logging.getLogger(__name__)
 
 CANCEL_POLL_S = 0.25
+# How long a product delete waits for its cancelled build to end (a save in progress finishes).
+CANCEL_WAIT_S = 120.0
 PROGRESS_EVERY_S = 0.2
 
 
@@ -297,7 +299,18 @@ class RayJobRunner(JobRunner):
         return None if record is None else _job(record)
 
     def cancel_product(self, product: str) -> None:
+        """Cancel the product's build and wait for it to end (bounded), as the single
+        process's delete waits for a save in progress under the product's lock: a task
+        already saving finishes, and the delete that follows removes that version too,
+        instead of the build bringing a deleted product back."""
         ray.get(self.board.cancel_product.remote(product))
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while self.busy_with(product) is not None:
+            if time.monotonic() > deadline:
+                logger.warning("the build of %s did not end within %.0f s of its cancel; deleting anyway",
+                               product, CANCEL_WAIT_S)
+                return
+            time.sleep(CANCEL_POLL_S)
 
     def close(self) -> None:
         """Builds belong to the cluster, not to this replica: they go on."""

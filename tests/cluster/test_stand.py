@@ -236,3 +236,26 @@ def test_feedback_by_request_id_finds_the_image_on_any_replica(stand: Stand, ver
         unknown = client._http.post(f"/v1/admin/products/{PRODUCT}/feedback",
                                     json={"request_id": "never-answered", "index": 0})
         assert unknown.status_code == 404, unknown.text
+
+
+def test_a_product_deleted_while_its_build_saves_stays_deleted(stand: Stand, versions: list[str]) -> None:
+    """The delete waits for its cancelled build to end, as the single process's does: a task
+    that was already saving once finished after the delete and brought the product back."""
+    product = "washer-deleted"
+    with stand.inside(), PatchCoreClient(stand.url, api_key=stand.api_key, timeout=120) as client:
+        client.upload_nominal(product, sorted((DEMO / "good").glob("*.png"))[:10])
+        job = client.start_build(product, coreset_ratio=0.1, seed=0)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # aim the delete at the save (it also holds earlier or later)
+            state = client._http.get(f"/v1/admin/jobs/{job['id']}").json()
+            if state["phase"] == "saving" or state["state"] != "running" and state["state"] != "queued":
+                break
+            time.sleep(0.02)
+        print(f"delete sent in phase {state['phase']!r}, state {state['state']!r}")
+        deleted = client._http.delete(f"/v1/admin/products/{product}")
+        assert deleted.status_code == 204, deleted.text
+        final = client.wait_for_job(job["id"], timeout=120)
+        assert final["state"] in ("succeeded", "cancelled"), final
+        time.sleep(1.0)
+        assert client._http.get(f"/v1/products/{product}").status_code == 404
+        assert all(p["name"] != product for p in client.products()["products"] + client.products().get("stored", []))

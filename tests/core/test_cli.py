@@ -34,6 +34,17 @@ def test_build_then_predict_with_heatmaps(mini_mvtec, tmp_path):
     assert len(records) == 2 and all(r["is_anomalous"] for r in records)
     with Image.open(records[0]["heatmap"]) as heatmap:
         assert heatmap.size == (900, 900)
+    # Two folders' 000.png: each keeps its own heatmap (they once overwrote each other).
+    same_name = [sorted((mini_mvtec / "bottle" / "test" / kind).glob("*.png"))[0] for kind in ("good", "broken_large")]
+    assert same_name[0].name == same_name[1].name
+    predicted = _run("predict", "--product", "bottle", *map(str, same_name), "--models-dir", str(models),
+                     "--heatmap-dir", str(tmp_path / "heat2"), "--device", "cpu")
+    assert predicted.returncode == 0, predicted.stderr
+    heatmaps = [json.loads(line)["heatmap"] for line in predicted.stdout.splitlines()]
+    assert len(set(heatmaps)) == 2 and all(Path(h).is_file() for h in heatmaps)
+    not_a_folder = _run("predict", "--product", "bottle", str(same_name[0]), "--models-dir", str(models),
+                        "--heatmap-dir", records[0]["heatmap"], "--device", "cpu")
+    assert not_a_folder.returncode == 2 and "not a folder" in not_a_folder.stderr
 
 
 def test_patch_size_is_a_build_option_kept_by_the_bank(mini_mvtec, tmp_path):
@@ -85,6 +96,12 @@ def test_append_build_is_a_new_version_descending_from_the_active_one(mini_mvtec
     wrong = _run("build", "--product", "bottle", "--images", str(tmp_path), "--base-version", base["version"],
                  *common)
     assert wrong.returncode == 2 and "--append" in wrong.stderr
+    wrong = _run("build", "--product", "bottle", "--images", str(tmp_path), "--until", "radius", *common)
+    assert wrong.returncode == 2 and "--append" in wrong.stderr
+    # What the base was built and calibrated with is refused by name, never silently ignored.
+    kept = _run("build", "--product", "bottle", "--images", str(mini_mvtec / "bottle" / "test" / "good"),
+                "--append", "--map-sigma", "8", "--false-alarm-rate", "0.001", *common)
+    assert kept.returncode == 2 and "--map-sigma, --false-alarm-rate" in kept.stderr, kept.stderr
 
 
 def test_clear_errors_for_bad_input(tmp_path):
@@ -92,6 +109,9 @@ def test_clear_errors_for_bad_input(tmp_path):
     assert missing.returncode == 2 and "no bank" in missing.stderr
     bad_name = _run("build", "--product", "../evil", "--images", str(tmp_path), "--models-dir", str(tmp_path))
     assert bad_name.returncode == 2 and "invalid product name" in bad_name.stderr
+    # uvicorn would bind 70000 mod 65536 and log 70000.
+    bad_port = _run("serve", "--port", "70000")
+    assert bad_port.returncode == 2 and "0-65535" in bad_port.stderr
 
 
 def test_eval_writes_the_metrics(mini_mvtec, tmp_path):

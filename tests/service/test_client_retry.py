@@ -57,3 +57,12 @@ def test_retries_give_up_after_the_limit() -> None:
             pytest.raises(PatchCoreAPIError) as caught:
         client.predict("p", b"png")
     assert caught.value.status == 502 and len(calls) == 3
+
+
+def test_a_negative_retry_count_is_refused_at_once() -> None:
+    """range(retries + 1) was empty: no request was sent and the call failed 'unreachable'."""
+    from app.client import AsyncPatchCoreClient
+
+    for client in (PatchCoreClient, AsyncPatchCoreClient):
+        with pytest.raises(ValueError, match="retries"):
+            client("http://127.0.0.1:9", retries=-1)

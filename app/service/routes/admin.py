@@ -167,6 +167,6 @@ async def activate(product: ProductDep, body: ActivateRequest, catalog: CatalogD
 @router.delete("/products/{product}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_product(product: ProductDep, catalog: CatalogDep, jobs: JobsDep) -> Response:
     """Remove a product: its banks in the store, its staging set, and its serving model."""
-    jobs.cancel_product(product)
+    await run_in_threadpool(jobs.cancel_product, product)  # on Ray it waits for a save in progress
     await run_in_threadpool(catalog.delete, product)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
