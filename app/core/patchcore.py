@@ -185,7 +185,12 @@ def bank_feature_scale(manifest: dict, stage_dims: Sequence[int]) -> np.ndarray 
 
 
 def _as_array(source: ImageSource) -> np.ndarray:
-    return decode_image(Path(source), max_pixels=None) if isinstance(source, Path | str) else as_rgb_array(source)
+    if not isinstance(source, Path | str):
+        return as_rgb_array(source)
+    try:
+        return decode_image(Path(source), max_pixels=None)
+    except InvalidImage as exc:  # one bad file among hundreds: say which
+        raise InvalidImage(f"{Path(source).name}: {exc}") from exc
 
 
 def _batches(sources: Sequence[ImageSource], size: int) -> Iterator[list[np.ndarray]]:

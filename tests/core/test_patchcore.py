@@ -99,6 +99,15 @@ def test_too_few_images_and_cancel(bottle, lite0_small):
         build_bank(bottle["train"][:4], SMALL, lite0_small, should_stop=lambda: True)
 
 
+def test_an_unreadable_training_image_is_named(bottle, lite0_small, tmp_path):
+    from app.core.errors import InvalidImage
+
+    broken = tmp_path / "cam3-0042.png"
+    broken.write_bytes(bottle["train"][0].read_bytes()[:200])
+    with pytest.raises(InvalidImage, match="cam3-0042.png"):
+        build_bank([*bottle["train"][:6], broken], SMALL, lite0_small)
+
+
 def test_f1_threshold_from_a_labelled_validation_set(bottle, lite0_small):
     validation = (bottle["good"] + bottle["defect"], [0] * 4 + [1] * 4)
     bank = build_bank(bottle["train"][:6], SMALL, lite0_small, validation=validation)
