@@ -20,7 +20,7 @@ from app.service.staging import UploadedFile
 @dataclass(frozen=True)
 class RecentImage:
     product: str
-    upload: UploadedFile | None   # None: the id was reused for another image, which is meant is unknown
+    upload: UploadedFile | None   # None: the id came with two different images; which one is meant is unknown
 
 
 class FlaggedImages(Protocol):
