@@ -230,6 +230,9 @@ class MicroBatcher(Generic[T, R]):
             self._release(incoming)
             self._cond.notify_all()
         waiter = asyncio.gather(*(t.future for t in tickets))
+        # A ticket cancelled below (a client gone, a timeout) ends the gather with an error that
+        # no one awaits any more; read it here, or asyncio logs "exception was never retrieved".
+        waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
         watcher = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         try:
             waiting: set[asyncio.Future[Any]] = {waiter} if watcher is None else {waiter, watcher}
@@ -241,12 +244,12 @@ class MicroBatcher(Generic[T, R]):
                 raise ClientGone("the client disconnected before its result was ready")
             raise RequestTimedOut(f"no result within {timeout_s:g} s")
         finally:
+            if not waiter.done():
+                waiter.cancel()
             for ticket in tickets:
                 ticket.abandoned.set()
                 if not ticket.future.done():
                     ticket.future.cancel()
-            if not waiter.done():
-                waiter.cancel()
             if watcher is not None and not watcher.done():
                 watcher.cancel()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from app.service.errors import EmptyBody, InvalidUpload, TooManyImages, UnsupportedMediaType
+from app.service.errors import ClientGone, EmptyBody, InvalidUpload, TooManyImages, UnsupportedMediaType
 from app.service.staging import ZIP_TYPES, UploadedFile
 
 RAW_IMAGE_TYPES = ("application/octet-stream",)
@@ -21,8 +22,16 @@ async def read_uploads(request: Request, max_files: int, *,
                        allow_zip: bool = False) -> list[UploadedFile]:
     """Files from a multipart form, or the whole body for image/* (and `raw_types`).
 
-    Raises EmptyBody, UnsupportedMediaType (415), TooManyImages (413).
+    Raises EmptyBody, UnsupportedMediaType (415), TooManyImages (413), ClientGone (499).
     """
+    try:
+        return await _read_uploads(request, max_files, raw_types, allow_zip)
+    except ClientDisconnect:  # hung up mid-upload: the client's doing (499), not a server error
+        raise ClientGone("the client disconnected while sending its images") from None
+
+
+async def _read_uploads(request: Request, max_files: int, raw_types: tuple[str, ...],
+                        allow_zip: bool) -> list[UploadedFile]:
     kind = media_type(request)
     if kind == "multipart/form-data":
         return await _read_multipart(request, max_files)
