@@ -13,8 +13,9 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ from app.core.images import probe_image
 from app.core.patchcore import Prediction
 from app.service.batching import ClientGoneWaiter, MicroBatcher, Timed
 from app.service.budget import DECODE_BYTES_PER_PIXEL, MemoryBudget
-from app.service.errors import Overloaded
+from app.service.errors import Overloaded, RequestTimedOut
 from app.service.inference import PredictOptions, PreparedImage, prepare, render, score_prepared
 from app.service.metrics import ServiceMetrics
 from app.service.recent import FlaggedImages, RecentImages
@@ -106,9 +107,19 @@ class Predictor:
         loop = asyncio.get_running_loop()
         keep = options.heatmap == "overlay"
         settings = self.settings
+        # PATCHCORE_REQUEST_TIMEOUT_S bounds the whole request: every wait below (the CPU pool
+        # for headers, decodes and renders, and the batch queue) gets the time that is left.
+        deadline = loop.time() + settings.request_timeout_s
+
+        async def in_time(work: Awaitable[Any]) -> Any:
+            try:
+                return await asyncio.wait_for(work, max(deadline - loop.time(), 0.0))
+            except TimeoutError:  # work not yet started in the pool is dropped with it
+                raise RequestTimedOut(f"no result within {settings.request_timeout_s:g} s") from None
+
         # In the pool: PIL parses every chunk before the pixels, and a crafted body (millions
         # of empty PNG chunks or JPEG comments) would hold the event loop, and every probe, for seconds.
-        pixels = await loop.run_in_executor(self.cpu_pool, self._check_pixel_budget, uploads)
+        pixels = await in_time(loop.run_in_executor(self.cpu_pool, self._check_pixel_budget, uploads))
         device_decode = self.decodes_on_device(loaded)
 
         def prepare_one(index: int, upload: UploadedFile) -> PreparedImage:
@@ -126,13 +137,13 @@ class Predictor:
         # worker keeps an open batch waiting for it; submit_many releases both.
         try:
             with self.batcher.incoming(len(uploads)) as mark:
-                prepared = await asyncio.gather(
+                prepared = await in_time(asyncio.gather(
                     *(loop.run_in_executor(self.cpu_pool, prepare_one, i, u)
-                      for i, u in enumerate(uploads)))
+                      for i, u in enumerate(uploads))))
                 # A client that hangs up abandons its tickets: the worker skips them and
                 # counts them (patchcore_dropped_images_total), once.
                 scored = await self.batcher.submit_many(
-                    prepared, settings.request_timeout_s, client_gone, incoming=mark)
+                    prepared, max(deadline - loop.time(), 0.001), client_gone, incoming=mark)
         except Overloaded:
             self.metrics.rejected.inc()
             raise
@@ -142,8 +153,8 @@ class Predictor:
                            options)
 
         if options.renders:
-            results = await asyncio.gather(
-                *(loop.run_in_executor(self.cpu_pool, finish, i) for i in range(len(prepared))))
+            results = await in_time(asyncio.gather(
+                *(loop.run_in_executor(self.cpu_pool, finish, i) for i in range(len(prepared)))))
         else:
             # Nothing to render: a few float conversions, cheaper than a hop to the pool,
             # where the result would also queue behind other requests' decodes.

@@ -310,3 +310,29 @@ def test_a_client_that_hangs_up_mid_upload_is_a_499_not_a_server_error(tmp_path,
         assert not [r for r in caplog.records if "unhandled error" in r.getMessage()], caplog.text
     finally:
         stop_server(live)
+
+
+def test_the_request_timeout_bounds_the_whole_request(tmp_path, tile_bank, tile_test, monkeypatch):
+    """Only the batch queue had a deadline: headers, decodes and renders waited for the CPU
+    pool without one (a review saw 200s after 4.7-14.2 s with a 1 s timeout)."""
+    import app.service.predictor as predictor_module
+    from app.storage import LocalBankStore
+
+    real_render = predictor_module.render
+
+    def slow_render(*args, **kwargs):
+        time.sleep(3.0)  # a pool backed up behind other requests' overlays
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "render", slow_render)
+    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
+    live = start_server(test_settings(tmp_path, request_timeout_s=1.0))
+    try:
+        with live.client() as http:
+            answer = http.post("/v1/products/tile/predict", content=tile_test.read_bytes(),
+                               params={"heatmap": "png"}, headers={"Content-Type": "image/jpeg"})
+            # Without a deadline on the render this was a 200, 3 s after the 1 s timeout.
+            assert answer.status_code == 504 and answer.json()["error"]["code"] == "timeout", answer.text
+            assert http.get("/health/live").status_code == 200
+    finally:
+        stop_server(live)
