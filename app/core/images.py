@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import threading
 import warnings
 from collections.abc import Iterable
@@ -67,20 +68,34 @@ def _read_bytes(data: bytes | Path | str) -> bytes:
         raise InvalidImage(f"cannot read image file {path.name!r}: {exc.strerror}") from exc
 
 
-_ROTATING_PNG_KEYS = ("exif", "XML:com.adobe.xmp")
+_XMP_KEY = b"XML:com.adobe.xmp"
+# What Pillow's getexif reads from XMP when there is no EXIF orientation; 1 (and 0) rotate nothing.
+_XMP_ROTATION = re.compile(rb'tiff:Orientation(?:="|>)([2-8])')
 
 
 def _png_may_rotate(image: Image.Image, data: bytes) -> bool:
-    """Whether a PNG may carry an orientation (EXIF or XMP) that PIL's path applies.
+    """Whether Pillow's path would rotate this PNG (an EXIF orientation, or an XMP one).
 
     Chunks before the image data are in `image.info` at open; those after it (an eXIf or
-    XMP chunk may follow IDAT) are looked for in the bytes after the last IDAT only, so
-    the fast path and PIL's, taken when another thread holds the decoder, always agree.
+    XMP chunk may follow IDAT) are looked for in the bytes after the last IDAT only. So the
+    fast path and Pillow's, taken when another thread holds the decoder, always agree, and
+    the XMP most files carry without an orientation (every MVTec image has one after IDAT)
+    keeps the fast path (9 ms for a 900 px frame instead of Pillow's 20).
     """
-    if any(key in image.info for key in _ROTATING_PNG_KEYS):
+    info = image.info
+    if "exif" in info or "Raw profile type exif" in info:
+        return True
+    xmp = info.get("XML:com.adobe.xmp") or info.get("xmp")
+    if xmp and _XMP_ROTATION.search(xmp.encode("utf-8", "replace") if isinstance(xmp, str) else xmp):
         return True
     tail = data[max(0, data.rfind(b"IDAT")):]
-    return b"eXIf" in tail or b"XML:com.adobe.xmp" in tail
+    if b"eXIf" in tail or b"Raw profile type exif" in tail:
+        return True
+    at = tail.find(_XMP_KEY)
+    if at < 0:
+        return False
+    compressed = tail[at + len(_XMP_KEY) + 1:at + len(_XMP_KEY) + 2] != b"\x00"  # iTXt's flag: unreadable here
+    return compressed or _XMP_ROTATION.search(tail, at) is not None
 
 
 def decode_image(data: bytes | Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:

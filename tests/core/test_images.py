@@ -107,6 +107,22 @@ def test_png_orientation_is_applied_whichever_decoder_runs(png):
     assert alone.shape == beside.shape == (100, 40, 3)
 
 
+def test_xmp_without_an_orientation_keeps_the_fast_decoder(shared_data, monkeypatch):
+    """Every MVTec PNG carries XMP (licence text) after its image data: only an XMP
+    orientation sends a PNG to Pillow's path (9 ms instead of 20 ms for bottle's frames)."""
+    import pyspng
+
+    path = sorted((shared_data / "bottle" / "test" / "good").glob("*.png"))[0]
+    data = path.read_bytes()
+    assert b"XML:com.adobe.xmp" in data[data.rfind(b"IDAT"):]
+    used = []
+    real_load = pyspng.load
+    monkeypatch.setattr(pyspng, "load", lambda *a, **k: used.append(1) or real_load(*a, **k))
+    decoded = decode_image(data)
+    assert used == [1]
+    np.testing.assert_array_equal(decoded, np.asarray(Image.open(path).convert("RGB")))
+
+
 def test_16_bit_grayscale_png_keeps_its_range():
     ramp = (np.arange(64, dtype=np.uint16) * 1024).reshape(8, 8)   # 0 .. 64512
     decoded = decode_image(_encode(Image.fromarray(ramp)))
