@@ -84,3 +84,19 @@ def test_jpeg_auroc_scores_every_decode_path(mini_mvtec, mini_bank, tmp_path):
     for mode in ("jpeg-full", "jpeg-reduced", "jpeg-device"):
         assert 0.0 < report[mode]["score_vs_png_max"] < 0.1, mode
         assert 0.0 <= report[mode]["pixel_auroc"] <= 1.0 and 0.0 <= report[mode]["image_auroc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_exposure_drift_study_runs_and_counts_every_image(mini_mvtec, mini_bank, tmp_path):
+    """The tiny bank uses the default exposure normalisation: a darker shot of the good parts
+    must not be flagged more than the parts as shot."""
+    models, _, _ = mini_bank
+    out = tmp_path / "drift.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/exposure_drift.py", "--bank", str(models / "bottle"), "--data", str(mini_mvtec),
+         "--category", "bottle", "--json", str(out)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["shot"]: row for row in json.loads(out.read_text())}
+    assert len(rows) == 5 and all(row["good"] == 3 and row["defects"] == 3 for row in rows.values())
+    assert rows["x0.8 (darker)"]["good_flagged"] <= rows["as shot"]["good_flagged"]
