@@ -126,16 +126,22 @@ class Prediction:
         """(H, W) float32 with the same normalisation as `score` (0.5 = threshold)."""
         return self.calibration.normalise(self.anomaly_map).astype(np.float32)
 
+    def raw_map_at(self, size: tuple[int, int]) -> np.ndarray:
+        """The raw distance map laid over the photo scaled to `size` (H, W)."""
+        if tuple(size) == tuple(self.size):
+            return self.anomaly_map
+        box = None
+        if self.box is not None:  # the framed box, from original pixels to the map's
+            sy, sx = size[0] / self.size[0], size[1] / self.size[1]
+            box = (self.box[0] * sx, self.box[1] * sy, self.box[2] * sx, self.box[3] * sy)
+        return to_original_size(self.smoothed_map, size, box)
+
     def normalised_map_at(self, size: tuple[int, int]) -> np.ndarray:
         """The normalised map laid over the photo scaled to `size` (H, W): the service
         renders at a bounded size, so a 40 MP photo never costs a 40 MP float map."""
         if tuple(size) == tuple(self.size):
             return self.normalised_map
-        box = None
-        if self.box is not None:  # the framed box, from original pixels to the map's
-            sy, sx = size[0] / self.size[0], size[1] / self.size[1]
-            box = (self.box[0] * sx, self.box[1] * sy, self.box[2] * sx, self.box[3] * sy)
-        return self.calibration.normalise(to_original_size(self.smoothed_map, size, box)).astype(np.float32)
+        return self.calibration.normalise(self.raw_map_at(size)).astype(np.float32)
 
 
 # Stage balancing reads the spread of each stage from this many nominal images (evenly

@@ -187,25 +187,27 @@ def render(prediction: Prediction, prepared: PreparedImage, options: PredictOpti
                           "data": rendering.to_base64(rendering.overlay_png(normalised,
                                                                              prepared.image))}
     if options.regions:
-        out["regions"] = rendering.find_regions(normalised, to_size=prepared.size,
-                                                threshold=region_level(prediction, normalised))
+        out["regions"] = rendering.find_regions(region_map(prediction, normalised, prepared.map_size),
+                                                to_size=prepared.size)
     return out
 
 
-def region_level(prediction: Prediction, normalised: np.ndarray) -> float:
-    """The normalised-map level regions are cut at: the threshold (0.5), except for an
-    anomalous image whose map peaks under it.
+def region_map(prediction: Prediction, normalised: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The normalised map regions are cut from at the threshold (0.5): the heatmap itself,
+    except for an anomalous image whose map peaks under it.
 
     The decision is the largest patch distance (Eq. 6); the map is those distances
     upsampled and smoothed (Sec. 3.3), which spreads a one- or two-patch peak below the
-    threshold, so a flagged part had no region (10 of 12 flagged transistor test images).
-    There the level is the threshold scaled by the share of the peak the smoothing kept,
-    so the region around the peak, the patch that decided, is returned.
+    threshold, even below the nominal median where the normalised map is clipped to 0, so
+    a flagged part had no region (10 of 12 flagged transistor test images in one review
+    run). There the raw map is scaled so that its peak is the image's score, and the
+    region around the patch that decided is the one above the threshold; its max_score is
+    the image's score.
     """
-    peak = float(normalised.max()) if normalised.size else 0.0
-    raw_peak = float(prediction.smoothed_map.max())
-    if not prediction.is_anomalous or peak > rendering.REGION_THRESHOLD or raw_peak <= 0.0 \
-            or prediction.raw_score <= 0.0:
-        return rendering.REGION_THRESHOLD
-    level = float(prediction.calibration.normalise(prediction.threshold * raw_peak / prediction.raw_score))
-    return min(level, peak - 1e-6)  # the peak pixel itself, whatever the map's resampling did to it
+    if not prediction.is_anomalous or float(normalised.max(initial=0.0)) > rendering.REGION_THRESHOLD:
+        return normalised
+    raw = prediction.raw_map_at(size)
+    peak = float(raw.max(initial=0.0))
+    if peak <= 0.0:
+        return normalised
+    return prediction.calibration.normalise(raw * (prediction.raw_score / peak)).astype(np.float32)
