@@ -336,3 +336,39 @@ def test_the_request_timeout_bounds_the_whole_request(tmp_path, tile_bank, tile_
             assert http.get("/health/live").status_code == 200
     finally:
         stop_server(live)
+
+
+def test_a_client_that_hangs_up_during_its_render_is_let_go(tmp_path, tile_bank, tile_test, monkeypatch):
+    """A hang-up was only noticed in the batch queue: decodes and renders went on, and the
+    answer was written to the closed socket and counted as a 200. Every wait of the request
+    now ends when the client goes (499)."""
+    import app.service.predictor as predictor_module
+    from app.storage import LocalBankStore
+
+    real_render = predictor_module.render
+
+    def slow_render(*args, **kwargs):
+        time.sleep(3.0)
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "render", slow_render)
+    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
+    live = start_server(test_settings(tmp_path))
+    try:
+        host, port = live.url.removeprefix("http://").split(":")
+        body = tile_test.read_bytes()
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(f"POST /v1/products/tile/predict?heatmap=png HTTP/1.1\r\nHost: {host}\r\n"
+                         f"Content-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(1.0)  # scored by now, its render under way
+        route = 'route="/v1/products/{product}/predict"'
+        deadline = time.monotonic() + 20
+        with live.client() as http:
+            while time.monotonic() < deadline:
+                metrics = http.get("/metrics").text
+                if f'{route},status="499"' in metrics or f'{route},status="200"' in metrics:
+                    break
+                time.sleep(0.1)
+        assert f'{route},status="499"' in metrics and f'{route},status="200"' not in metrics, metrics[-1500:]
+    finally:
+        stop_server(live)
