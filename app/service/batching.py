@@ -35,6 +35,37 @@ R = TypeVar("R")
 ClientGoneWaiter = Callable[[], Awaitable[None]]
 
 
+def _read_outcome(future: asyncio.Future[Any]) -> None:
+    """Reads a finished future's error, so one no one awaits any more (cancelled work, a
+    watcher) does not make asyncio log "exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def wait_or_give_up(work: Awaitable[R], timeout_s: float, client_gone: ClientGoneWaiter | None,
+                          timeout_message: str) -> R:
+    """`work`'s result, unless `timeout_s` passes first (RequestTimedOut) or `client_gone()`
+    returns first (ClientGone). Either way out, what is still pending is cancelled: for work
+    in an executor that drops it if it has not started."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_read_outcome)
+    watcher = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+    if watcher is not None:
+        watcher.add_done_callback(_read_outcome)
+    try:
+        waiting: set[asyncio.Future[Any]] = {task} if watcher is None else {task, watcher}
+        done, _ = await asyncio.wait(waiting, timeout=max(timeout_s, 0.0), return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if watcher is not None and watcher in done:
+            raise ClientGone("the client disconnected before its result was ready")
+        raise RequestTimedOut(timeout_message)
+    finally:
+        for pending in (task, watcher):
+            if pending is not None and not pending.done():
+                pending.cancel()
+
+
 @dataclass
 class Timed(Generic[R]):
     """A batch function's result for one item, with where the time went."""
@@ -229,29 +260,15 @@ class MicroBatcher(Generic[T, R]):
                 self._queue.put_nowait(ticket)
             self._release(incoming)
             self._cond.notify_all()
-        waiter = asyncio.gather(*(t.future for t in tickets))
-        # A ticket cancelled below (a client gone, a timeout) ends the gather with an error that
-        # no one awaits any more; read it here, or asyncio logs "exception was never retrieved".
-        waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
-        watcher = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         try:
-            waiting: set[asyncio.Future[Any]] = {waiter} if watcher is None else {waiter, watcher}
-            done, _ = await asyncio.wait(waiting, timeout=timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if waiter in done:
-                return waiter.result()
-            if watcher is not None and watcher in done:
-                raise ClientGone("the client disconnected before its result was ready")
-            raise RequestTimedOut(f"no result within {timeout_s:g} s")
+            # The gather is cancelled on the way out before its tickets are (see wait_or_give_up).
+            return await wait_or_give_up(asyncio.gather(*(t.future for t in tickets)), timeout_s, client_gone,
+                                         f"no result within {timeout_s:g} s")
         finally:
-            if not waiter.done():
-                waiter.cancel()
             for ticket in tickets:
                 ticket.abandoned.set()
                 if not ticket.future.done():
                     ticket.future.cancel()
-            if watcher is not None and not watcher.done():
-                watcher.cancel()
 
     def retry_after_s(self) -> int:
         batches_ahead = math.ceil(self._queue.qsize() / self.max_batch_size)

@@ -24,9 +24,9 @@ from app.core.embedding import EmbedderConfig, PatchEmbedder, create_embedder
 from app.core.errors import ImageTooLarge, PatchCoreError
 from app.core.images import probe_image
 from app.core.patchcore import Prediction
-from app.service.batching import ClientGoneWaiter, MicroBatcher, Timed
+from app.service.batching import ClientGoneWaiter, MicroBatcher, Timed, wait_or_give_up
 from app.service.budget import DECODE_BYTES_PER_PIXEL, MemoryBudget
-from app.service.errors import ClientGone, Overloaded, RequestTimedOut
+from app.service.errors import Overloaded
 from app.service.inference import PredictOptions, PreparedImage, prepare, render, score_prepared
 from app.service.metrics import ServiceMetrics
 from app.service.recent import FlaggedImages, RecentImages
@@ -113,24 +113,9 @@ class Predictor:
         # pool is dropped with it).
         deadline = loop.time() + settings.request_timeout_s
 
-        async def in_time(work: Awaitable[Any]) -> Any:
-            task = asyncio.ensure_future(work)
-            watcher = asyncio.ensure_future(client_gone()) if client_gone is not None else None
-            if watcher is not None:
-                watcher.add_done_callback(lambda done: done.cancelled() or done.exception())
-            try:
-                waiting = {task} if watcher is None else {task, watcher}
-                done, _ = await asyncio.wait(waiting, timeout=max(deadline - loop.time(), 0.0),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if task in done:
-                    return task.result()
-                if watcher is not None and watcher in done:
-                    raise ClientGone("the client disconnected before its result was ready")
-                raise RequestTimedOut(f"no result within {settings.request_timeout_s:g} s")
-            finally:
-                for pending in (task, watcher):
-                    if pending is not None and not pending.done():
-                        pending.cancel()
+        def in_time(work: Awaitable[Any]) -> Awaitable[Any]:
+            return wait_or_give_up(work, deadline - loop.time(), client_gone,
+                                   f"no result within {settings.request_timeout_s:g} s")
 
         # In the pool: PIL parses every chunk before the pixels, and a crafted body (millions
         # of empty PNG chunks or JPEG comments) would hold the event loop, and every probe, for seconds.
