@@ -55,16 +55,22 @@ def test_corrupt_truncated_and_missing_files_are_refused(tmp_path):
         load_bank(tmp_path / "nothing-here")
 
 
-def test_pickled_array_is_never_loaded(tmp_path):
-    save_bank(_bank(), tmp_path / "b")
-    path = tmp_path / "b" / "features.npy"
-    np.save(path, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    manifest_path = tmp_path / "b" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+def _replace_array(directory, filename: str, array: np.ndarray, allow_pickle: bool = False) -> None:
+    """Write `array` over a saved bank's file, with a matching checksum in its manifest, so
+    only what load_bank checks beyond the checksum can refuse it."""
     import hashlib
 
-    manifest["files"]["features.npy"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    path = directory / filename
+    np.save(path, array, allow_pickle=allow_pickle)
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][filename] = hashlib.sha256(path.read_bytes()).hexdigest()
     manifest_path.write_text(json.dumps(manifest))
+
+
+def test_pickled_array_is_never_loaded(tmp_path):
+    save_bank(_bank(), tmp_path / "b")
+    _replace_array(tmp_path / "b", "features.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(BankCorrupt, match="unreadable array"):
         load_bank(tmp_path / "b")
 
@@ -131,15 +137,7 @@ def test_manifest_sections_of_the_wrong_type_are_refused(tmp_path, change):
 
 @pytest.mark.parametrize("scores", [np.array([1.0, np.nan]), np.array([[1.0, 1.2]]), np.array([1, 2])])
 def test_unusable_nominal_scores_are_refused(tmp_path, scores):
-    bank = _bank()
-    bank.nominal_scores = scores
-    path = save_bank(bank, tmp_path / "b") / "nominal_scores.npy"
-    np.save(path, scores, allow_pickle=False)  # save_bank casts to float64; write the odd array as is
-    manifest_path = tmp_path / "b" / "manifest.json"
-    import hashlib
-
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["nominal_scores.npy"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
+    save_bank(_bank(), tmp_path / "b")
+    _replace_array(tmp_path / "b", "nominal_scores.npy", scores)  # save_bank would cast to float64
     with pytest.raises(BankCorrupt, match="nominal_scores"):
         load_bank(tmp_path / "b")

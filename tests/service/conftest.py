@@ -6,6 +6,7 @@ built once, through the admin API, from a handful of real MVTec images.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import threading
@@ -110,6 +111,19 @@ def start_server(settings: Settings, ready_timeout: float = 300) -> LiveServer:
 def stop_server(live: LiveServer) -> None:
     live.server.should_exit = True
     live.thread.join(30)
+
+
+@contextlib.contextmanager
+def serving(models_dir: Path, bank, product: str = "tile", **overrides) -> Iterator[LiveServer]:
+    """A live server on a fresh store holding `bank` as `product`, stopped afterwards."""
+    from app.storage import LocalBankStore
+
+    LocalBankStore(models_dir).save(product, bank, activate=True)
+    live = start_server(test_settings(models_dir, **overrides))
+    try:
+        yield live
+    finally:
+        stop_server(live)
 
 
 @pytest.fixture(scope="session")

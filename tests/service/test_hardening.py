@@ -16,7 +16,7 @@ from PIL import Image
 
 from app.service.resources import Resources
 
-from .conftest import ADMIN, start_server, stop_server, test_settings
+from .conftest import ADMIN, serving, start_server, stop_server, test_settings
 
 pytestmark = pytest.mark.slow
 
@@ -283,67 +283,32 @@ def test_a_client_that_hangs_up_while_queued_is_dropped_and_the_worker_goes_on(t
         stop_server(live)
 
 
-def test_a_client_that_hangs_up_mid_upload_is_a_499_not_a_server_error(tmp_path, tile_bank, tile_test, caplog):
-    """Starlette's ClientDisconnect escaped the upload reader as an unhandled error: a 500
-    in the metrics and an error with a traceback in the log, for the client's own hang-up."""
-    from app.storage import LocalBankStore
-
-    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
-    live = start_server(test_settings(tmp_path))
-    try:
-        host, port = live.url.removeprefix("http://").split(":")
-        body = tile_test.read_bytes()
-        with socket.create_connection((host, int(port)), timeout=30) as conn:
-            conn.sendall(f"POST /v1/products/tile/predict HTTP/1.1\r\nHost: {host}\r\n"
-                         f"Content-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                         + body[:1000])
-            time.sleep(0.3)
-        deadline = time.monotonic() + 20
-        with live.client() as http:
-            while time.monotonic() < deadline:
-                metrics = http.get("/metrics").text
-                if 'status="499"' in metrics:
-                    break
-                time.sleep(0.1)
-            assert 'route="/v1/products/{product}/predict",status="499"' in metrics, metrics[-2000:]
-            assert 'route="/v1/products/{product}/predict",status="500"' not in metrics
-        assert not [r for r in caplog.records if "unhandled error" in r.getMessage()], caplog.text
-    finally:
-        stop_server(live)
+PREDICT_ROUTE = 'route="/v1/products/{product}/predict"'
 
 
-def test_the_request_timeout_bounds_the_whole_request(tmp_path, tile_bank, tile_test, monkeypatch):
-    """Only the batch queue had a deadline: headers, decodes and renders waited for the CPU
-    pool without one (a review saw 200s after 4.7-14.2 s with a 1 s timeout)."""
+def _send_and_hang_up(live, body: bytes, sent: bytes, query: str = "", wait_s: float = 0.3) -> None:
+    """POST a JPEG predict announcing `body`'s length, send `sent` of it, wait, hang up."""
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(f"POST /v1/products/tile/predict{query} HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Content-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n".encode() + sent)
+        time.sleep(wait_s)
+
+
+def _predict_statuses_once_one_of(live, statuses: tuple[str, ...]) -> str:
+    """/metrics, once the predict route has answered with one of `statuses` (or after 20 s)."""
+    deadline = time.monotonic() + 20
+    with live.client() as http:
+        while True:
+            metrics = http.get("/metrics").text
+            if any(f'{PREDICT_ROUTE},status="{s}"' in metrics for s in statuses) or time.monotonic() > deadline:
+                return metrics
+            time.sleep(0.1)
+
+
+def _slow_renders(monkeypatch) -> None:
+    """Every render takes 3 s more: a CPU pool backed up behind other requests' overlays."""
     import app.service.predictor as predictor_module
-    from app.storage import LocalBankStore
-
-    real_render = predictor_module.render
-
-    def slow_render(*args, **kwargs):
-        time.sleep(3.0)  # a pool backed up behind other requests' overlays
-        return real_render(*args, **kwargs)
-
-    monkeypatch.setattr(predictor_module, "render", slow_render)
-    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
-    live = start_server(test_settings(tmp_path, request_timeout_s=1.0))
-    try:
-        with live.client() as http:
-            answer = http.post("/v1/products/tile/predict", content=tile_test.read_bytes(),
-                               params={"heatmap": "png"}, headers={"Content-Type": "image/jpeg"})
-            # Without a deadline on the render this was a 200, 3 s after the 1 s timeout.
-            assert answer.status_code == 504 and answer.json()["error"]["code"] == "timeout", answer.text
-            assert http.get("/health/live").status_code == 200
-    finally:
-        stop_server(live)
-
-
-def test_a_client_that_hangs_up_during_its_render_is_let_go(tmp_path, tile_bank, tile_test, monkeypatch):
-    """A hang-up was only noticed in the batch queue: decodes and renders went on, and the
-    answer was written to the closed socket and counted as a 200. Every wait of the request
-    now ends when the client goes (499)."""
-    import app.service.predictor as predictor_module
-    from app.storage import LocalBankStore
 
     real_render = predictor_module.render
 
@@ -352,23 +317,40 @@ def test_a_client_that_hangs_up_during_its_render_is_let_go(tmp_path, tile_bank,
         return real_render(*args, **kwargs)
 
     monkeypatch.setattr(predictor_module, "render", slow_render)
-    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
-    live = start_server(test_settings(tmp_path))
-    try:
-        host, port = live.url.removeprefix("http://").split(":")
+
+
+def test_a_client_that_hangs_up_mid_upload_is_a_499_not_a_server_error(tmp_path, tile_bank, tile_test, caplog):
+    """Starlette's ClientDisconnect escaped the upload reader as an unhandled error: a 500
+    in the metrics and an error with a traceback in the log, for the client's own hang-up."""
+    with serving(tmp_path, tile_bank) as live:
         body = tile_test.read_bytes()
-        with socket.create_connection((host, int(port)), timeout=30) as conn:
-            conn.sendall(f"POST /v1/products/tile/predict?heatmap=png HTTP/1.1\r\nHost: {host}\r\n"
-                         f"Content-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-            time.sleep(1.0)  # scored by now, its render under way
-        route = 'route="/v1/products/{product}/predict"'
-        deadline = time.monotonic() + 20
-        with live.client() as http:
-            while time.monotonic() < deadline:
-                metrics = http.get("/metrics").text
-                if f'{route},status="499"' in metrics or f'{route},status="200"' in metrics:
-                    break
-                time.sleep(0.1)
-        assert f'{route},status="499"' in metrics and f'{route},status="200"' not in metrics, metrics[-1500:]
-    finally:
-        stop_server(live)
+        _send_and_hang_up(live, body, body[:1000])
+        metrics = _predict_statuses_once_one_of(live, ("499",))
+        assert f'{PREDICT_ROUTE},status="499"' in metrics, metrics[-2000:]
+        assert f'{PREDICT_ROUTE},status="500"' not in metrics
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()], caplog.text
+
+
+def test_the_request_timeout_bounds_the_whole_request(tmp_path, tile_bank, tile_test, monkeypatch):
+    """Only the batch queue had a deadline: headers, decodes and renders waited for the CPU
+    pool without one (a review saw 200s after 4.7-14.2 s with a 1 s timeout)."""
+    _slow_renders(monkeypatch)
+    with serving(tmp_path, tile_bank, request_timeout_s=1.0) as live, live.client() as http:
+        answer = http.post("/v1/products/tile/predict", content=tile_test.read_bytes(),
+                           params={"heatmap": "png"}, headers={"Content-Type": "image/jpeg"})
+        # Without a deadline on the render this was a 200, 3 s after the 1 s timeout.
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "timeout", answer.text
+        assert http.get("/health/live").status_code == 200
+
+
+def test_a_client_that_hangs_up_during_its_render_is_let_go(tmp_path, tile_bank, tile_test, monkeypatch):
+    """A hang-up was only noticed in the batch queue: decodes and renders went on, and the
+    answer was written to the closed socket and counted as a 200. Every wait of the request
+    now ends when the client goes (499)."""
+    _slow_renders(monkeypatch)
+    with serving(tmp_path, tile_bank) as live:
+        body = tile_test.read_bytes()
+        _send_and_hang_up(live, body, body, query="?heatmap=png", wait_s=1.0)  # scored, render under way
+        metrics = _predict_statuses_once_one_of(live, ("499", "200"))
+    assert f'{PREDICT_ROUTE},status="499"' in metrics and f'{PREDICT_ROUTE},status="200"' not in metrics, \
+        metrics[-1500:]

@@ -16,7 +16,7 @@ from PIL import Image, features
 from app.core.errors import ImageTooLarge, InvalidImage
 from app.core.images import decode_image
 
-from .conftest import start_server, stop_server, test_settings
+from .conftest import serving
 
 FORMATS = ["PNG", "JPEG", "TIFF", "WEBP", "BMP", "GIF"] + (["AVIF"] if features.check("avif") else [])
 
@@ -101,20 +101,13 @@ def _post_mutations(http, originals: dict[str, bytes], examples: int, content_ty
 
 @pytest.mark.slow
 def test_mutated_images_over_http_are_200_or_4xx(tmp_path, encoded, tile_bank):
-    from app.storage import LocalBankStore
-
-    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
-    live = start_server(test_settings(tmp_path))
-    try:
-        with live.client() as http:
-            outcomes = _post_mutations(http, encoded, 300, "application/octet-stream",
-                                       {"heatmap": "overlay", "regions": "true"})
-            # The same keep-alive connection still serves.
-            ok = http.post("/v1/products/tile/predict", content=encoded["PNG"],
-                           headers={"Content-Type": "image/png"}, params={"heatmap": "none"})
-            assert ok.status_code == 200
-    finally:
-        stop_server(live)
+    with serving(tmp_path, tile_bank) as live, live.client() as http:
+        outcomes = _post_mutations(http, encoded, 300, "application/octet-stream",
+                                   {"heatmap": "overlay", "regions": "true"})
+        # The same keep-alive connection still serves.
+        ok = http.post("/v1/products/tile/predict", content=encoded["PNG"],
+                       headers={"Content-Type": "image/png"}, params={"heatmap": "none"})
+        assert ok.status_code == 200
     print(f"mutated images over HTTP: {sorted(outcomes.items())}")
     assert outcomes.get(200, 0) + sum(v for k, v in outcomes.items() if 400 <= k < 500) == sum(outcomes.values())
 
@@ -124,18 +117,11 @@ def test_mutated_jpegs_decoded_on_the_device_path_are_200_or_4xx(tmp_path, encod
     """The same over the device decode path (PATCHCORE_DEVICE_DECODE=always runs it on the CPU):
     a mutated JPEG that passes the header check reaches the batch worker's decoder, and a frame
     the decoder refuses goes to the CPU path. Never a 5xx."""
-    from app.storage import LocalBankStore
-
-    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
-    live = start_server(test_settings(tmp_path, device_decode="always"))
-    try:
-        with live.client() as http:
-            outcomes = _post_mutations(http, {"JPEG": encoded["JPEG"]}, 200, "image/jpeg", {"heatmap": "png"})
-            assert live.state.predictor.device_decode == "always"
-            ok = http.post("/v1/products/tile/predict", content=encoded["JPEG"],
-                           headers={"Content-Type": "image/jpeg"}, params={"heatmap": "none"})
-            assert ok.status_code == 200
-    finally:
-        stop_server(live)
+    with serving(tmp_path, tile_bank, device_decode="always") as live, live.client() as http:
+        outcomes = _post_mutations(http, {"JPEG": encoded["JPEG"]}, 200, "image/jpeg", {"heatmap": "png"})
+        assert live.state.predictor.device_decode == "always"
+        ok = http.post("/v1/products/tile/predict", content=encoded["JPEG"],
+                       headers={"Content-Type": "image/jpeg"}, params={"heatmap": "none"})
+        assert ok.status_code == 200
     print(f"mutated JPEGs over the device path: {sorted(outcomes.items())}")
     assert outcomes.get(200, 0) > 0 and sum(v for k, v in outcomes.items() if 400 <= k < 500) > 0
