@@ -7,6 +7,8 @@ training images (every N-th), one per rule, and scores the whole test set:
     squeeze   each image resized to S x S
     scale     each image resized by one factor (S / sqrt(median training area)), aspect
               kept, sides rounded to 16 px; maps go back onto the original photo
+    aspect    each image resized to about S x S pixels in all, its aspect kept (sides
+              rounded to 16 px)
 
     PYTHONPATH=. .venv/bin/python benchmarks/scale_framing_study.py --data ../shared/data \\
         --category magnetic_tile --train-every 4
@@ -27,14 +29,14 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from app.core.coreset import select_coreset
-from app.core.embedding import EmbedderConfig, create_embedder
+from app.core.embedding import EmbedderConfig, create_embedder, standardise_exposure
 from app.core.evaluation import _pixel_aurocs, read_category
 from app.core.images import decode_image
 from app.core.scoring import gaussian_kernel
 
 
 def run(mode: str, args: argparse.Namespace) -> dict:
-    embedder = create_embedder(EmbedderConfig(stage_dim=args.stage_dim), device="cpu", runtime="torch")
+    embedder = create_embedder(EmbedderConfig(stage_dim=args.stage_dim, normalisation=args.normalisation), device="cpu", runtime="torch")
     size = embedder.config.image_size
     category = read_category(args.data, args.category)
     train = category.train[::args.train_every]
@@ -43,12 +45,18 @@ def run(mode: str, args: argparse.Namespace) -> dict:
     def target(height: int, width: int) -> tuple[int, int]:
         if mode == "squeeze":
             return size, size
+        if mode == "aspect":  # each image to about S x S pixels in all, its aspect kept
+            ratio = size / np.sqrt(height * width)
+            return max(32, int(round(height * ratio / 16)) * 16), max(32, int(round(width * ratio / 16)) * 16)
         return max(32, int(round(height * factor / 16)) * 16), max(32, int(round(width * factor / 16)) * 16)
 
     def features(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         th, tw = target(*image.shape[:2])
         resized = np.asarray(Image.fromarray(image).resize((tw, th), Image.Resampling.BILINEAR), np.float32)
-        batch = torch.from_numpy(((resized - embedder._mean) * embedder._inv_std).transpose(2, 0, 1).copy())[None]
+        pixels = torch.from_numpy(resized.transpose(2, 0, 1).copy())
+        if embedder.config.normalisation == "image":  # the default since stop 19
+            standardise_exposure(pixels, *embedder._reference)
+        batch = ((pixels - embedder._mean_t) * embedder._inv_std_t)[None]
         with torch.inference_mode():
             return embedder.aggregate(embedder.backbone(batch)).float()[0].numpy(), (th, tw)
 
@@ -92,10 +100,12 @@ def main() -> None:
     parser.add_argument("--train-every", type=int, default=4)
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--stage-dim", type=int, default=EmbedderConfig().stage_dim)
+    parser.add_argument("--normalisation", default=EmbedderConfig().normalisation, choices=("image", "dataset"))
+    parser.add_argument("--modes", nargs="+", default=["squeeze", "scale"], choices=("squeeze", "scale", "aspect"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results = [run(mode, args) for mode in ("squeeze", "scale")]
+    results = [run(mode, args) for mode in args.modes]
     for r in results:
         print(json.dumps(r))
     if args.json:

@@ -56,20 +56,22 @@ def test_map_study_default_row_is_the_evaluated_pixel_auroc(mini_mvtec, mini_ban
 
 @pytest.mark.slow
 def test_scale_framing_study_reduces_to_squeeze_on_square_frames(mini_mvtec, tmp_path):
-    """bottle's frames are square and all one size, so keeping the pixel scale is the same resize
-    as squeezing: both rows must agree exactly, and the study must run end to end."""
+    """bottle's frames are square and all one size, so keeping the pixel scale or the aspect is
+    the same resize as squeezing: all three rows must agree, and the study must run end to end."""
     out = tmp_path / "framing.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/scale_framing_study.py", "--data", str(mini_mvtec), "--category", "bottle",
-         "--train-every", "2", "--coreset-ratio", "0.25", "--json", str(out)],
+         "--train-every", "2", "--coreset-ratio", "0.25", "--modes", "squeeze", "scale", "aspect",
+         "--json", str(out)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    squeeze, scale = json.loads(out.read_text())
-    assert (squeeze["mode"], scale["mode"]) == ("squeeze", "scale")
+    squeeze, *others = json.loads(out.read_text())
+    assert [row["mode"] for row in (squeeze, *others)] == ["squeeze", "scale", "aspect"]
     assert squeeze["train_images"] == 5 and squeeze["bank"] > 0
-    assert scale["bank"] == squeeze["bank"]
-    for key in ("image_auroc", "pixel_auroc"):  # the same resize: equal up to BLAS summation order
-        assert scale[key] == pytest.approx(squeeze[key], abs=1e-6), key
+    for other in others:
+        assert other["bank"] == squeeze["bank"], other["mode"]
+        for key in ("image_auroc", "pixel_auroc"):  # the same resize: equal up to BLAS summation order
+            assert other[key] == pytest.approx(squeeze[key], abs=1e-6), (other["mode"], key)
     assert 0.0 <= squeeze["image_auroc"] <= 1.0 and 0.0 <= squeeze["pixel_auroc"] <= 1.0
 
 
