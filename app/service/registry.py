@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -89,22 +90,32 @@ class ProductRegistry:
         self._on_change = on_change
         self._products: dict[str, LoadedProduct] = {}
         self._failed: dict[str, FailedProduct] = {}
-        self._embedders: dict[EmbedderConfig, PatchEmbedder] = {}
+        # Weak: an embedder lives while a loaded model or a running build holds it, so a
+        # backbone that only an old version or a finished build used is freed, not kept for
+        # the life of the process (one per image size, width, ... an admin ever built with).
+        # The default config's stays: it is what the next build or bank most likely needs.
+        self._embedders: weakref.WeakValueDictionary[EmbedderConfig, PatchEmbedder] = (
+            weakref.WeakValueDictionary())
+        self._default_embedder: PatchEmbedder | None = None
         self._write_lock = threading.Lock()
         self._embedder_lock = threading.Lock()
 
     # ---------------------------------------------------------------- embedders
     def embedder(self, config: EmbedderConfig) -> PatchEmbedder:
-        """One embedder per config, shared by every bank (and build) that uses it."""
-        found = self._embedders.get(config)
-        if found is not None:
-            return found
+        """One embedder per config, shared by every bank (and build) that uses it while any does."""
         with self._embedder_lock:
             found = self._embedders.get(config)
             if found is None:
                 found = self._embedder_factory(config)
-                self._embedders = {**self._embedders, config: found}
+                self._embedders[config] = found
+                if config == EmbedderConfig():
+                    self._default_embedder = found
             return found
+
+    def embedder_configs(self) -> list[EmbedderConfig]:
+        """The configs whose embedder is alive now (loaded models, running builds, the default)."""
+        with self._embedder_lock:
+            return list(self._embedders.keys())
 
     # ---------------------------------------------------------------- reads (lock-free)
     def get(self, name: str) -> LoadedProduct:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,8 +26,17 @@ def tiny_bank(seed: int) -> MemoryBank:
     )
 
 
-def fake_embedder(config: EmbedderConfig):  # only what PatchCoreModel reads; nothing is scored here
-    return SimpleNamespace(config=config, feature_dim=DIM, stage_dims=[DIM // 2, DIM // 2], device=torch.device("cpu"))
+class FakeEmbedder:
+    """Only what PatchCoreModel reads; nothing is scored here (a class: the registry holds
+    embedders by weak reference)."""
+
+    def __init__(self, config: EmbedderConfig):
+        self.config, self.feature_dim, self.stage_dims = config, DIM, [DIM // 2, DIM // 2]
+        self.device = torch.device("cpu")
+
+
+def fake_embedder(config: EmbedderConfig) -> FakeEmbedder:
+    return FakeEmbedder(config)
 
 
 def registry_on(store: LocalBankStore) -> ProductRegistry:
