@@ -257,14 +257,21 @@ def embed_images(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_
     return out
 
 
-def _embed_batch(embedder: PatchEmbedder, batch: Sequence[np.ndarray], framing: Framing | None,
-                 scale: np.ndarray | None = None) -> np.ndarray:
-    """One batch of decoded images -> their patch features (B * h * w, D) float32."""
+def _framed_features(embedder: PatchEmbedder, batch: Sequence[np.ndarray], framing: Framing | None,
+                     scale: np.ndarray | None = None) -> np.ndarray:
+    """One batch of decoded images -> their patch features (B, h, w, D) float32, framed as the
+    product frames them and scaled as its bank is (stage balancing), as a query will be."""
     features = embedder.embed(embedder.preprocess(batch, framed_boxes(framing or Framing(), batch))).numpy()
-    features = features.reshape(-1, features.shape[-1])
     if scale is not None:
         features *= scale
     return features
+
+
+def _embed_batch(embedder: PatchEmbedder, batch: Sequence[np.ndarray], framing: Framing | None,
+                 scale: np.ndarray | None = None) -> np.ndarray:
+    """One batch of decoded images -> their patch features as rows (B * h * w, D) float32."""
+    features = _framed_features(embedder, batch, framing, scale)
+    return features.reshape(-1, features.shape[-1])
 
 
 def collect_rows(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_size: int, rows: np.ndarray,
@@ -600,9 +607,7 @@ def _score_sources(embedder: PatchEmbedder, index: SearchIndex, sources: Sequenc
     for batch in _batches(sources, config.batch_size):
         if should_stop is not None and should_stop():
             raise BuildCancelled("calibration cancelled")
-        embeddings = embedder.embed(embedder.preprocess(batch, framed_boxes(config.framing, batch))).numpy()
-        if scale is not None:
-            embeddings *= scale
+        embeddings = _framed_features(embedder, batch, config.framing, scale)
         scores.append(score_patches(index, embeddings, config.reweight_neighbours, config.top_k)[1])
     return np.concatenate(scores) if scores else np.zeros(0)
 
