@@ -42,7 +42,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
-from app.core.bank import MemoryBank, load_bank, save_bank
+from app.core.bank import MemoryBank, load_bank, process_umask, save_bank
 from app.core.errors import BankCorrupt, BankIncompatible
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,11 @@ def check_version_name(version: str) -> str:
 
 
 def new_version_name() -> str:
-    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    """`YYYYmmddTHHMMSSZ-mmmrrr`: the suffix's first three hex digits are the milliseconds, so
+    versions saved within one second still sort oldest first ("versions" promises that order),
+    and the last three are random, so two saves in one millisecond do not collide."""
+    now = datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{now.microsecond // 1000:03x}{secrets.token_hex(2)[:3]}"
 
 
 class _Unset(Enum):
@@ -133,6 +137,21 @@ class _Unset(Enum):
 # `activate(..., expected=ANY)`: no precondition (last writer wins).
 ANY: Final = _Unset.ANY
 Expected = str | None | Literal[_Unset.ANY]
+
+
+def activate_or_discard(store: BankStore, product: str, version: str) -> None:
+    """Activate a version just saved; when that fails (a full disk for the pointer), remove the
+    version again, so a failed build leaves nothing behind: no unused version, and no first
+    version of a new product that no pointer names. A version the pointer does name after all
+    (an answer lost on the way back) is refused by delete_version and stays."""
+    try:
+        store.activate(product, version)
+    except BaseException:
+        try:
+            store.delete_version(product, version)
+        except Exception as exc:  # noqa: BLE001 - the activation's error is the one to report
+            logger.warning("could not remove %s/%s after its activation failed: %s", product, version, exc)
+        raise
 
 
 # --------------------------------------------------------------------------- interface
@@ -333,8 +352,19 @@ class LocalBankStore:
 
     def products(self) -> list[str]:
         self._require_root()
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and PRODUCT_NAME.fullmatch(p.name) and self.versions(p.name))
+        found = []
+        for path in self.root.iterdir():
+            if not (PRODUCT_NAME.fullmatch(path.name) and path.is_dir()):
+                continue
+            try:
+                if self.versions(path.name):
+                    found.append(path.name)
+            except OSError as exc:
+                # One folder this process cannot read (written by another user with a strict
+                # umask) must not take every other product down with it.
+                logger.error("skipping product %s: its folder cannot be read (%s)", path.name,
+                             exc.strerror or type(exc).__name__, extra={"product": path.name})
+        return sorted(found)
 
     def versions(self, product: str) -> list[str]:
         directory = self._product_dir(product)
@@ -373,7 +403,7 @@ class LocalBankStore:
                 raise InsufficientStorage(f"not enough disk space to save a bank for product {product!r}") from None
             raise
         if activate:
-            self.activate(product, version)
+            activate_or_discard(self, product, version)
         return version
 
     def load(self, product: str, version: str | None = None) -> tuple[str, MemoryBank]:
@@ -387,7 +417,14 @@ class LocalBankStore:
             check_version_name(version)
             if not (self._product_dir(product) / version).is_dir():
                 raise VersionNotFound(f"product {product!r} has no version {version!r}")
-        return version, load_verified(self._product_dir(product) / version, f"{product}/{version}")
+        directory = self._product_dir(product) / version
+        try:
+            return version, load_verified(directory, f"{product}/{version}")
+        except BankCorrupt:
+            if not directory.is_dir():  # deleted while it was read: gone, not damaged
+                raise VersionNotFound(f"product {product!r} has no version {version!r} "
+                                      "(deleted while it was being read)") from None
+            raise
 
     def activate(self, product: str, version: str, expected: Expected = ANY) -> None:
         directory = self._product_dir(product)
@@ -412,6 +449,7 @@ class LocalBankStore:
         tmp: str | None = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".active-", dir=directory)
+            os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 would hide it from other uids
             with os.fdopen(fd, "w", encoding="ascii") as handle:
                 handle.write(version + "\n")
                 handle.flush()

@@ -36,7 +36,8 @@ from app.core.scoring import gaussian_kernel
 
 
 def run(mode: str, args: argparse.Namespace) -> dict:
-    embedder = create_embedder(EmbedderConfig(stage_dim=args.stage_dim, normalisation=args.normalisation), device="cpu", runtime="torch")
+    embedder = create_embedder(EmbedderConfig(stage_dim=args.stage_dim, normalisation=args.normalisation),
+                               device="cpu", runtime="torch")
     size = embedder.config.image_size
     category = read_category(args.data, args.category)
     train = category.train[::args.train_every]

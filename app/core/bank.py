@@ -2,6 +2,7 @@
 
 Layout of one bank directory:
     manifest.json        format version, embedder, coreset, calibration, sha256 of each array
+    manifest.sha256      sha256 of manifest.json (banks saved before stop 20 have none)
     features.npy         (M, D) float32 coreset of nominal patch features
     nominal_scores.npy   (K,) float64 held-out nominal image scores (calibration)
 Arrays load with allow_pickle=False; nothing on disk is ever unpickled.
@@ -25,6 +26,10 @@ from app.core.errors import BankCorrupt, BankIncompatible
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# The manifest holds the threshold, framing and smoothing the decision depends on, so it is
+# checked like the arrays: one flipped digit of the threshold would otherwise load and pass
+# a defect. It cannot hold its own checksum, hence the sidecar.
+MANIFEST_CHECKSUM = "manifest.sha256"
 ARRAYS = {"features": "features.npy", "nominal_scores": "nominal_scores.npy"}
 
 
@@ -59,6 +64,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def process_umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -82,6 +98,9 @@ def save_bank(bank: MemoryBank, directory: Path | str) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
+        # mkdtemp makes it 0700: readable by other users (a service running as another uid
+        # than the CLI build that wrote it) only as the umask allows, like the files in it.
+        os.chmod(tmp, 0o777 & ~process_umask())
         checksums = {}
         arrays: dict[str, np.ndarray] = {"features": np.ascontiguousarray(bank.features, dtype=np.float32),
                   "nominal_scores": np.asarray(bank.nominal_scores, dtype=np.float64)}
@@ -98,6 +117,10 @@ def save_bank(bank: MemoryBank, directory: Path | str) -> Path:
                     "files": checksums}
         with (tmp / MANIFEST).open("w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with (tmp / MANIFEST_CHECKSUM).open("w", encoding="ascii") as handle:
+            handle.write(_sha256(tmp / MANIFEST) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.rename(tmp, directory)
@@ -150,8 +173,16 @@ def load_bank(directory: Path | str) -> MemoryBank:
     if not manifest_path.is_file():
         raise BankCorrupt(f"bank {directory.name}: no {MANIFEST}")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = manifest_path.read_bytes()
+        checksum_path = directory / MANIFEST_CHECKSUM
+        expected = checksum_path.read_text(encoding="ascii").strip() if checksum_path.exists() else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: unreadable manifest ({_why(exc)})") from exc
+    if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
+        raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: checksum mismatch (file truncated or modified)")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: unreadable manifest ({_why(exc)})") from exc
     if not isinstance(manifest, dict):
         raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: manifest is not a JSON object")

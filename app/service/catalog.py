@@ -21,7 +21,7 @@ from app.service.errors import ProductNotFound, VersionNotFound
 from app.service.predictor import Predictor
 from app.service.registry import LoadedProduct
 from app.service.staging import StagingArea
-from app.storage import BankStore, StoreError
+from app.storage import BankStore, StoreError, activate_or_discard
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,15 @@ class ProductCatalog:
             info = {"name": product, "status": "stored"}
         else:
             raise ProductNotFound(f"no product named {product!r}")
+        # Each on its own: a broken pointer (reported as failed) is when an operator needs the
+        # versions most, to activate one and repair it.
         try:
             info["versions"] = self.versions(product)
-            info["active_version"] = self.store.active_version(product)
-        except (OSError, LookupError, ValueError, StoreError):  # e.g. a broken pointer: reported as failed
+        except (OSError, LookupError, ValueError, StoreError):
             info["versions"] = []
+        try:
+            info["active_version"] = self.store.active_version(product)
+        except (OSError, LookupError, ValueError, StoreError):
             info["active_version"] = None
         return info
 
@@ -88,7 +92,7 @@ class ProductCatalog:
                 raise BuildCancelled("cancelled before the bank was published")
             version = str(self.store.save(product, bank, activate=False))
             if model is not None:
-                self.store.activate(product, version)
+                activate_or_discard(self.store, product, version)
                 self.predictor.registry.install(product, version, model)
         return version
 

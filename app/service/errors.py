@@ -147,6 +147,7 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     InvalidBuildRequest: (422, "invalid_build_request"),
     RecentImageNotFound: (404, "recent_image_not_found"),
     RecentImageAmbiguous: (409, "request_id_reused"),
+    storage.VersionNotFound: (404, "version_not_found"),
     storage.ProductNotFound: (404, "product_not_found"),
     storage.InvalidProductName: (422, "invalid_product_name"),
     storage.InvalidName: (422, "invalid_name"),
@@ -155,7 +156,8 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     storage.VersionInUse: (409, "version_in_use"),
     storage.InsufficientStorage: (507, "insufficient_storage"),
     storage.StoreUnavailable: (503, "store_unavailable"),
-    storage.BrokenActivePointer: (500, "broken_active_pointer"),
+    # The operator repairs it by activating a version: a state to fix, not a server fault.
+    storage.BrokenActivePointer: (409, "broken_active_pointer"),
     storage.StoreError: (500, "store_error"),
     core.InvalidImage: (400, "invalid_image"),
     core.ImageTooLarge: (413, "image_too_large"),

@@ -47,6 +47,7 @@ from app.service.errors import (
     VersionNotFound,
     status_and_code,
 )
+from app.storage import NoActiveVersion
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +267,9 @@ class JobRunner:
         if not versions:
             raise ProductNotFound(f"no bank to append to: {product!r} has no stored version")
         base = params.base_version or self.catalog.store.active_version(product)
+        if base is None:
+            raise NoActiveVersion(f"{product!r} has no active version to append to; activate one of "
+                                  f"{versions} or name it as base_version")
         if base not in versions:
             raise VersionNotFound(f"{product!r} has no version {str(base)[:128]!r}; it has {versions}")
         return dataclasses.replace(params, base_version=base)

@@ -64,13 +64,16 @@ class Predictor:
         """Start the batch worker (cheap); `load` does the slow part."""
         self.batcher.start()
 
-    def load(self) -> None:
-        """Load the default backbone, then the active bank of every stored product."""
+    def load(self, retry_unavailable: bool = False) -> None:
+        """Load the default backbone, then the active bank of every stored product.
+
+        `retry_unavailable`: a bank the store cannot serve now raises StoreUnavailable (the
+        caller retries the whole load) instead of being recorded as failed."""
         embedder = self.registry.embedder(EmbedderConfig())
         self._check_device_decode(embedder.device)
         self.backbone_loaded = True
         for name in sorted(self.registry.store.products()) if self.settings.preload_banks else []:
-            self.registry.load(name)
+            self.registry.load(name, raise_unavailable=retry_unavailable)
         self.banks_loaded = True
         if self.registry.failed():
             logger.warning("%d bank(s) failed to load: %s", len(self.registry.failed()),

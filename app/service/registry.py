@@ -13,6 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from app.core.bank import MemoryBank
@@ -20,7 +21,7 @@ from app.core.embedding import EmbedderConfig, PatchEmbedder
 from app.core.errors import PatchCoreError
 from app.core.patchcore import PatchCoreConfig, PatchCoreModel, bank_framing
 from app.service.errors import ProductNotFound, ProductUnavailable, status_and_code
-from app.storage import BankStore
+from app.storage import BankStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -141,18 +142,33 @@ class ProductRegistry:
         """A ready-to-serve model for a bank: the (slow) part of a swap, done before it."""
         return PatchCoreModel(bank, self.embedder(EmbedderConfig.from_dict(bank.embedder)))
 
-    def load(self, name: str, version: str | None = None) -> LoadedProduct | None:
+    def load(self, name: str, version: str | None = None, *, raise_unavailable: bool = False,
+             install_guard: Callable[[str], AbstractContextManager[None]] | None = None) -> LoadedProduct | None:
         """Load a product's bank (its active one by default) and swap it in.
 
         A corrupt or incompatible bank is logged and recorded as failed; when the
-        product was already serving, the old model keeps serving.
+        product was already serving, the old model keeps serving. `raise_unavailable`:
+        a store that cannot be reached raises StoreUnavailable instead, for a caller that
+        retries once it answers (startup), rather than a product failed for good by one
+        timed-out read. `install_guard` (the catalog's per-product writer lock): the install
+        happens under it, and only while the store's pointer still names this version, so a
+        reload that was slow to read cannot undo an activation made meanwhile; the product's
+        current entry is returned then.
         """
         try:
             # Resolved first, so a bank that fails to load is reported with its version.
             version = version or self.store.active_version(name)
             version, bank = self.store.load(name, version)
-            return self.install(name, version, self.model_for(bank))
+            model = self.model_for(bank)
+            if install_guard is None:
+                return self.install(name, version, model)
+            with install_guard(name):
+                if self.store.active_version(name) != version:
+                    return self._products.get(name)
+                return self.install(name, version, model)
         except Exception as exc:  # noqa: BLE001 - whatever a bad bank raises, the other products still load
+            if raise_unavailable and isinstance(exc, StoreUnavailable):
+                raise
             logger.error("bank for %s failed to load: %s", name, exc,
                          extra={"product": name, "version": version},
                          exc_info=not isinstance(exc, PatchCoreError | OSError | ValueError | LookupError))

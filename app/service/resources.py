@@ -45,6 +45,7 @@ DEMO_PRODUCT = "demo"
 # How often the store is pinged for readiness: often while it is down, rarely while it is up.
 STORE_RETRY_S = 1.0
 STORE_CHECK_S = 10.0
+STARTUP_LOAD_ATTEMPTS = 5  # bank loads that raise "unavailable" are retried this often at start
 
 
 def create_store(settings: Settings) -> BankStore:
@@ -86,6 +87,10 @@ class StoreWatch:
         with self._changed:
             self._changed.notify_all()
         return self.reachable
+
+    def pause(self, seconds: float) -> None:
+        """Sleep, waking early when the service closes."""
+        self._closed.wait(seconds)
 
     def wait_reachable(self) -> bool:
         """Block until the store answers (True) or the service closes (False)."""
@@ -156,7 +161,7 @@ class Resources:
             jobs = JobRunner(catalog, predictor.embedder, max_finished=settings.max_finished_jobs,
                              min_images=settings.min_build_images, records_dir=settings.jobs_dir,
                              on_change=metrics.set_jobs, on_finished=metrics.build_finished)
-        watcher = PointerWatcher(predictor.registry, settings.watch_interval_s)
+        watcher = PointerWatcher(predictor.registry, settings.watch_interval_s, install_guard=catalog.writing)
         resources = cls(settings, metrics, store, predictor, staging, catalog, jobs, StoreWatch(store),
                         watcher)
         predictor.start()
@@ -185,18 +190,26 @@ class Resources:
     def _load(self) -> None:
         try:
             # A store that is down at start (or goes down while banks load) delays readiness, never ends it.
+            # A bank read that fails as unavailable is retried too (one timed-out S3 GET must not
+            # fail a product for good); after a few tries with the store answering its probe, the
+            # products that still cannot be read are recorded as failed and the rest serve.
+            attempts = 0
             while self.store_watch.wait_reachable():
+                attempts += 1
                 try:
-                    self.predictor.load()
+                    self.predictor.load(retry_unavailable=attempts < STARTUP_LOAD_ATTEMPTS)
                     break
                 except StoreUnavailable as exc:
                     self.store_watch.check()
                     logger.warning("bank store unavailable while loading banks (%s); retrying", exc)
+                    self.store_watch.pause(STORE_RETRY_S)
             else:
                 return
             self._build_demo_if_missing()
         except Exception as exc:
-            self.startup.error = f"{type(exc).__name__}: {exc}"
+            # Shown by /health/ready: an OSError's reason without its path (the log has both).
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            self.startup.error = f"{type(exc).__name__}: {reason}"
             logger.exception("startup failed")
         finally:
             self.startup.done.set()

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from app.service.registry import ProductRegistry
 
@@ -27,8 +28,12 @@ logger = logging.getLogger(__name__)
 
 class PointerWatcher:
     def __init__(self, registry: ProductRegistry, interval_s: float,
-                 on_swap: Callable[[str, str, float], None] | None = None):
+                 on_swap: Callable[[str, str, float], None] | None = None,
+                 install_guard: Callable[[str], AbstractContextManager[None]] | None = None):
         self.registry = registry
+        # The catalog's per-product writer lock: an activation through this process's API and
+        # this watcher's swap cannot interleave (a slow reload overwrote a newer activation).
+        self._install_guard = install_guard
         self.interval_s = interval_s
         self._on_swap = on_swap
         self._stop = threading.Event()
@@ -62,10 +67,10 @@ class PointerWatcher:
             if active == loaded.version or (name, active) in self._refused:
                 continue
             started = time.perf_counter()
-            now = self.registry.load(name, active)
+            now = self.registry.load(name, active, install_guard=self._install_guard)
             if now is None:  # corrupt or incompatible: the old version keeps serving
                 self._refused.add((name, active))
-            else:
+            elif now.version == active:
                 swapped.append(name)
                 if self._on_swap is not None:
                     self._on_swap(name, active, time.perf_counter() - started)

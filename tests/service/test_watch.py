@@ -101,3 +101,51 @@ def test_interval_zero_starts_nothing(tmp_path) -> None:
     watcher.start()
     assert watcher._thread is None
     watcher.close()
+
+
+def test_a_slow_reload_does_not_undo_an_activation_made_meanwhile(tmp_path) -> None:
+    """Another process activates v1; while this watcher reads v1 (slowly), this process's API
+    activates v2 under the catalog's writer lock. The watcher must not install v1 after it."""
+    import contextlib
+    import threading
+
+    writer = LocalBankStore(tmp_path)
+    writer.save("p", tiny_bank(0), activate=True)
+    v1 = writer.save("p", tiny_bank(1), activate=False)
+    v2 = writer.save("p", tiny_bank(2), activate=False)
+    store = LocalBankStore(tmp_path)
+    reader = registry_on(store)
+    reader.load("p")
+    lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def writing(_product: str):
+        with lock:
+            yield
+
+    reading_v1, activated = threading.Event(), threading.Event()
+    load = store.load
+
+    def slow_load(product, version=None):
+        if version == v1:
+            reading_v1.set()
+            assert activated.wait(5)
+        return load(product, version)
+
+    store.load = slow_load  # type: ignore[method-assign]
+    writer.activate("p", v1)  # another process
+
+    def api_activation() -> None:  # what ProductCatalog.activate does
+        assert reading_v1.wait(5)
+        model = reader.model_for(load("p", v2)[1])
+        with writing("p"):
+            store.activate("p", v2)
+            reader.install("p", v2, model)
+        activated.set()
+
+    api = threading.Thread(target=api_activation)
+    api.start()
+    watcher = PointerWatcher(reader, 0.05, install_guard=writing)
+    assert watcher.check_once() == []
+    api.join(5)
+    assert reader.get("p").version == v2 and store.active_version("p") == v2
