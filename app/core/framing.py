@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FRAMING_MODES = ("whole", "centre", "roi")
+# A centre crop keeps at least this share of each side: 5e-324 passed "> 0", built, and made
+# every predict fail on an infinite decode size.
+MIN_CENTRE_FRACTION = 0.05
 
 Box = tuple[float, float, float, float]
 
@@ -28,8 +31,8 @@ class Framing:
     def validate(self) -> None:
         if self.mode not in FRAMING_MODES:
             raise ValueError(f"framing mode must be one of {', '.join(FRAMING_MODES)}, got {self.mode!r}")
-        if self.mode == "centre" and not 0.0 < self.fraction <= 1.0:
-            raise ValueError("centre-crop fraction must be in (0, 1]")
+        if self.mode == "centre" and not MIN_CENTRE_FRACTION <= self.fraction <= 1.0:
+            raise ValueError(f"centre-crop fraction must be in [{MIN_CENTRE_FRACTION:g}, 1], got {self.fraction!r}")
         if self.mode == "roi":
             if self.roi is None or len(self.roi) != 4:
                 raise ValueError("roi framing needs a box x0,y0,x1,y1 in original-image pixels")

@@ -74,8 +74,11 @@ def reweighting_factors(index: SearchIndex, worst_patches: np.ndarray,
     return weights
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
+def gaussian_kernel(sigma: float, max_radius: int | None = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian, truncated at 4 sigma (or at max_radius when that is shorter)."""
     radius = int(4.0 * sigma + 0.5)
+    if max_radius is not None:
+        radius = min(radius, max_radius)
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     return kernel / kernel.sum()
@@ -92,7 +95,9 @@ def smoothed_maps(patch_scores: np.ndarray, image_size: int, sigma: float = 4.0,
     scores = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[:, None].to(device)
     maps = F.interpolate(scores, size=(image_size, image_size), mode="bilinear", align_corners=False)
     if sigma > 0:
-        kernel = gaussian_kernel(sigma).to(maps.device)
+        # Reflect padding needs a radius under the map's side: a large sigma on a small input
+        # (sigma 16 at 64 px, both allowed) made every predict fail; the kernel is cut there.
+        kernel = gaussian_kernel(sigma, max_radius=image_size - 1).to(maps.device)
         pad = len(kernel) // 2
         maps = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
         maps = F.conv2d(F.pad(maps, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1))

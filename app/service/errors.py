@@ -114,6 +114,10 @@ class RecentImageAmbiguous(ServiceError):
     """The request id named more than one prediction's image (ids are the client's to choose)."""
 
 
+class RecentImageIndexNeeded(ServiceError):
+    """The request flagged several images and the feedback did not say which one."""
+
+
 class TooFewImages(ServiceError):
     """A build needs more nominal images than were staged."""
 
@@ -147,6 +151,7 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     InvalidBuildRequest: (422, "invalid_build_request"),
     RecentImageNotFound: (404, "recent_image_not_found"),
     RecentImageAmbiguous: (409, "request_id_reused"),
+    RecentImageIndexNeeded: (422, "index_required"),
     storage.VersionNotFound: (404, "version_not_found"),
     storage.ProductNotFound: (404, "product_not_found"),
     storage.InvalidProductName: (422, "invalid_product_name"),

@@ -28,6 +28,14 @@ _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"m
 access_logger = logging.getLogger("app.service.access")
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped: a client's percent-encoded newline in a path
+    must not start a forged line in the text log (JSON logs escape it themselves)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
@@ -137,7 +145,7 @@ class RequestContextMiddleware:
                 metrics.requests.labels(method, route, str(status)).inc()
                 metrics.latency.labels(method, route).observe(elapsed)
             access_logger.info(
-                "%s %s %d", method, scope.get("path", ""), status,
+                "%s %s %d", method, printable(scope.get("path", "")), status,
                 extra={"status": status, "route": route, "duration_ms": round(elapsed * 1000, 2)},
             )
             request_id_var.reset(token)

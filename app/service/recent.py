@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.service.errors import RecentImageAmbiguous, RecentImageNotFound
+from app.service.errors import RecentImageAmbiguous, RecentImageIndexNeeded, RecentImageNotFound
 from app.service.staging import UploadedFile
 
 
@@ -83,7 +83,7 @@ class RecentImages:
             if index is None:
                 found = [(k, v) for k, v in self._items.items() if k[0] == request_id]
                 if len(found) > 1:
-                    raise RecentImageNotFound(f"request {request_id[:64]!r} flagged {len(found)} images; "
+                    raise RecentImageIndexNeeded(f"request {request_id[:64]!r} flagged {len(found)} images; "
                                               "give the index of the one to stage")
                 item = found[0][1] if found else None
             else:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from app.core.calibration import MIN_FALSE_ALARM_RATE
 from app.core.embedding import MAX_PATCH_SIZE, check_patch_size
-from app.core.framing import Framing
+from app.core.framing import MIN_CENTRE_FRACTION, Framing
 from app.core.patchcore import MAX_MAP_SIGMA
 
 
@@ -154,7 +154,7 @@ class BuildRequest(BaseModel):
     activate: bool = Field(default=True, description="serve the new bank as soon as it is built")
     image_size: int | None = Field(default=None, ge=32, le=1024, multiple_of=16,
                                    description="network input side in pixels (default 224)")
-    centre_crop: float | None = Field(default=None, gt=0.0, le=1.0,
+    centre_crop: float | None = Field(default=None, ge=MIN_CENTRE_FRACTION, le=1.0,
                                       description="frame the central fraction of width and height "
                                       "(0.875 = resize 256, crop 224); default: the whole frame")
     roi: list[int] | None = Field(default=None, min_length=4, max_length=4,

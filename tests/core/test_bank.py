@@ -6,6 +6,7 @@ import pytest
 from app.core.bank import MemoryBank, load_bank, save_bank
 from app.core.errors import BankCorrupt, BankIncompatible
 from app.storage import InvalidName, LocalBankStore, ProductNotFound
+from tests.bank_edit import edit_manifest, write_manifest
 
 
 def _bank(rows=50, dim=8):
@@ -49,6 +50,9 @@ def test_corrupt_truncated_and_missing_files_are_refused(tmp_path):
     with pytest.raises(BankCorrupt, match="missing features.npy"):
         load_bank(tmp_path / "b")
     (tmp_path / "b" / "manifest.json").write_text("{not json")
+    with pytest.raises(BankCorrupt, match="manifest.json: checksum mismatch"):
+        load_bank(tmp_path / "b")
+    write_manifest(tmp_path / "b", "{not json")  # a checksum that matches: the JSON is what fails
     with pytest.raises(BankCorrupt, match="unreadable manifest"):
         load_bank(tmp_path / "b")
     with pytest.raises(BankCorrupt, match="no manifest"):
@@ -65,7 +69,7 @@ def _replace_array(directory, filename: str, array: np.ndarray, allow_pickle: bo
     manifest_path = directory / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"][filename] = hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
+    write_manifest(directory, manifest)
 
 
 def test_pickled_array_is_never_loaded(tmp_path):
@@ -77,10 +81,7 @@ def test_pickled_array_is_never_loaded(tmp_path):
 
 def test_incompatible_format_version(tmp_path):
     save_bank(_bank(), tmp_path / "b")
-    manifest_path = tmp_path / "b" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["format_version"] = 99
-    manifest_path.write_text(json.dumps(manifest))
+    edit_manifest(tmp_path / "b", format_version=99)
     with pytest.raises(BankIncompatible, match="format 99"):
         load_bank(tmp_path / "b")
 
@@ -129,8 +130,7 @@ def test_store_versions_activate_rollback_delete(tmp_path):
     {"calibration": {"threshold": float("inf"), "nominal_median": 1.1}}])
 def test_manifest_sections_of_the_wrong_type_are_refused(tmp_path, change):
     save_bank(_bank(), tmp_path / "b")
-    path = tmp_path / "b" / "manifest.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    edit_manifest(tmp_path / "b", **change)
     with pytest.raises(BankCorrupt, match=next(iter(change))):
         load_bank(tmp_path / "b")
 

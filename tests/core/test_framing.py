@@ -28,7 +28,8 @@ def test_boxes_in_original_pixels():
         roi.box(15, 5)
 
 
-@pytest.mark.parametrize("kwargs", [{"centre_crop": 0.0}, {"centre_crop": 1.5}, {"roi": "1,2,3"},
+@pytest.mark.parametrize("kwargs", [{"centre_crop": 0.0}, {"centre_crop": 5e-324}, {"centre_crop": 0.01},
+                                    {"centre_crop": 1.5}, {"roi": "1,2,3"},
                                     {"roi": "5,5,5,9"}, {"roi": "a,b,c,d"}, {"roi": "0,0,9,9", "centre_crop": 0.5}])
 def test_bad_framing_is_refused(kwargs):
     with pytest.raises(ValueError):

@@ -220,3 +220,43 @@ def test_png_goes_through_decode_image_unchanged():
     array, original = decode_for_model(data, min_side=224)
     np.testing.assert_array_equal(array, decode_image(data))
     assert original == (500, 700)
+
+
+# ------------------------------------------------------------------ stop 20 review fixes
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def _png(*extra: bytes, width: int = 8, height: int = 8, trailer: bytes = b"") -> bytes:
+    rows = b"".join(b"\x00" + bytes(range(3 * width)) for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + b"".join(extra) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"") + trailer)
+
+
+def test_a_png_gets_one_verdict_whichever_decoder_is_free():
+    """libspng refuses a PNG with an unknown chunk that Pillow reads; which one a decode got
+    depended on load, so the same upload was refused alone and scored beside another."""
+    import app.core.images as images
+
+    data = _png(_chunk(b"ABCD", b"x"))
+    alone = decode_image(data)
+    with images._SPNG_SLOT:  # another decode holds libspng: this one goes to Pillow
+        busy = decode_image(data)
+    np.testing.assert_array_equal(alone, busy)
+
+
+def test_bytes_after_iend_are_not_a_truncation():
+    decoded = decode_image(_png(trailer=b"camera trailer \x00\x01"))
+    assert decoded.shape == (8, 8, 3)
+    with pytest.raises(InvalidImage, match="truncated"):
+        decode_image(_png()[:-6])
+
+
+def test_a_header_claiming_a_bomb_is_too_large_not_unreadable():
+    """probe_image reads only the header: a PNG claiming 20000x20000 is 413, as a 5000x5000 one."""
+    from app.core.images import probe_image
+
+    header = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+              + _chunk(b"IDAT", zlib.compress(b"")))
+    with pytest.raises(ImageTooLarge):
+        probe_image(header)

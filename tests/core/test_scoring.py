@@ -84,3 +84,13 @@ def test_device_tensor_path_scores_as_the_host_path():
     got_patches, got_images = score_patches(TorchExactIndex(bank), torch.from_numpy(embeddings), top_k=3)
     np.testing.assert_allclose(got_patches, want_patches, rtol=1e-4)
     np.testing.assert_allclose(got_images, want_images, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("image_size", "sigma"), [(32, 7.9), (64, 16.0), (128, 32.0)])
+def test_a_large_sigma_on_a_small_input_still_gives_a_map(image_size, sigma):
+    """Both values are allowed at build time; the reflect padding of a 4-sigma kernel longer
+    than the map failed every predict of such a product (500)."""
+    scores = np.random.default_rng(0).random((2, image_size // 8, image_size // 8)).astype(np.float32)
+    maps = anomaly_maps(scores, image_size, [(100, 80), (50, 50)], sigma=sigma)
+    assert [m.shape for m in maps] == [(100, 80), (50, 50)]
+    assert all(np.isfinite(m).all() for m in maps)

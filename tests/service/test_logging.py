@@ -18,3 +18,14 @@ def test_json_log_line_carries_request_id_and_extras():
         request_id_var.reset(token)
     assert line["message"] == "scored x" and line["request_id"] == "req-123"
     assert line["product"] == "bottle" and line["level"] == "INFO"
+
+
+def test_a_path_cannot_forge_a_line_in_the_text_access_log(server, caplog):
+    """A percent-encoded newline in the path wrote a second, real-looking log line."""
+    import httpx
+
+    forged = "x%0a2026-12-01 00:00:00,000 INFO app.service.catalog deleted product bottle"
+    with caplog.at_level(logging.INFO, logger="app.service.access"), httpx.Client(base_url=server.url) as http:
+        assert http.get(f"/v1/products/{forged}").status_code in (404, 422)
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.service.access" and "deleted" in r.getMessage()]
+    assert lines and all("\n" not in line for line in lines) and "\\n2026" in lines[0]

@@ -25,3 +25,16 @@ def test_a_retried_request_keeps_its_image_and_a_reused_id_keeps_none():
     with pytest.raises(RecentImageNotFound):
         recent.get("washer", "cam1-42", 0)
     assert recent.size_bytes <= 1000
+
+
+def test_feedback_without_an_index_on_a_request_with_two_flagged_images_asks_for_it():
+    """Both images are kept: 'not found' (404) told the client the wrong thing."""
+    from app.service.errors import RecentImageIndexNeeded, status_and_code
+
+    recent = RecentImages(max_bytes=1000)
+    recent.remember("cam1-7", 0, "washer", UploadedFile("a.png", b"a" * 10))
+    recent.remember("cam1-7", 1, "washer", UploadedFile("b.png", b"b" * 10))
+    with pytest.raises(RecentImageIndexNeeded, match="give the index") as refused:
+        recent.get("washer", "cam1-7", None)
+    assert status_and_code(refused.value) == (422, "index_required")
+    assert recent.get("washer", "cam1-7", 1).data == b"b" * 10

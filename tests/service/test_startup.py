@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from app.storage import LocalBankStore
+from tests.bank_edit import edit_manifest
 
 from .conftest import ADMIN, start_server, stop_server, test_settings
 
@@ -59,15 +60,13 @@ def test_corrupt_bank_is_reported_while_others_serve(tmp_path, tile_bank, tile_t
 def test_a_manifest_of_the_wrong_shape_fails_only_its_product(tmp_path, tile_bank, change):
     """Each of these once escaped as an AttributeError or TypeError (or, for a NaN
     threshold, loaded and never flagged); products sorted after it were never loaded."""
-    import json
 
     store = LocalBankStore(tmp_path)
     store.save("tile", tile_bank, activate=True)
     for name, edit in (("a-broken", change), ("a-nan", {"calibration": {"threshold": float("nan"),
                                                                           "nominal_median": 1.0}})):
         version = store.save(name, tile_bank, activate=True)
-        path = tmp_path / name / version / "manifest.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+        edit_manifest(tmp_path / name / version, **edit)
     live = start_server(test_settings(tmp_path))
     try:
         with live.client() as http:
