@@ -175,8 +175,10 @@ class PatchEmbedder:
         if self.runtime == "openvino":
             self.precision = resolve_precision(precision)
             exported = StagesWithHead(module, self.head) if self.head is not None else module
-            self.backbone = OpenVINOStages(exported, config.backbone, config.image_size, self.precision,
-                                           cache_dir=cache_dir)
+            stages = OpenVINOStages(exported, config.backbone, config.image_size, self.precision,
+                                    cache_dir=cache_dir)
+            self.precision = stages.precision  # f32 where the CPU has no bf16 kernels
+            self.backbone = stages
         else:
             self.backbone = module.to(self.device)
             if self.head is not None:

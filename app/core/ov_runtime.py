@@ -166,6 +166,13 @@ class OpenVINOStages:
             "NUM_STREAMS": 1,
             "INFERENCE_NUM_THREADS": self.threads,
         })
+        # What the CPU plugin will really run: a CPU without bf16 kernels (no AVX512-BF16 or
+        # AMX) runs a bf16 request in f32, and the embedder must not report bf16 then.
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        effective = "bf16" if hint == openvino.Type.bf16 else "f32"
+        if effective != precision:
+            logger.warning("OpenVINO runs the backbone in %s: this CPU has no %s kernels", effective, precision)
+            self.precision = effective
         self._request = self._compiled.create_infer_request()
         self._outputs = list(self._compiled.outputs)
         self._lock = threading.Lock()

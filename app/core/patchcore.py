@@ -421,7 +421,13 @@ def bank_framing(manifest: dict) -> Framing:
 
 
 def append_config(base_bank: MemoryBank, **overrides: Any) -> PatchCoreConfig:
-    """The base bank's own build config with `overrides` (e.g. coreset_ratio, seed, batch_size)."""
+    """The base bank's own build config with `overrides` (e.g. coreset_ratio, seed, batch_size).
+
+    A ratio given without a size replaces the base's size too: a bank built with an absolute
+    coreset size kept it, so an append asking for a ratio got the base's own size and failed
+    ("the target bank size does not exceed the base's")."""
+    if overrides.get("coreset_ratio") is not None and "coreset_size" not in overrides:
+        overrides["coreset_size"] = None
     stored = dict(base_bank.manifest.get("config") or {})
     stored["embedder"] = EmbedderConfig.from_dict(base_bank.embedder).to_dict()
     return dataclasses.replace(PatchCoreConfig.from_dict(stored), **overrides)

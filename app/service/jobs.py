@@ -241,6 +241,8 @@ class JobRunner:
         config = params.config()  # invalid parameters fail now, not in the worker
         if params.mode == "append":
             params = self._resolve_base(product, params)
+            if source == "staging":
+                self._check_something_new(product, str(params.base_version), images)
         elif image_count is not None and image_count < self.min_images:
             raise TooFewImages(f"a build needs at least {self.min_images} nominal images; "
                                f"{image_count} are staged for {product!r}")
@@ -255,6 +257,19 @@ class JobRunner:
         self._changed()
         self._executor.submit(self._run, job, config, images)
         return job
+
+    def _check_something_new(self, product: str, base_version: str, images: ImageSource) -> None:
+        """Refuse now an append whose staged images are all in the base's lineage (the job
+        checks again, for any base): read from the served model's manifest, so only when the
+        base is the version this process serves, and no bank is loaded for it."""
+        loaded = self.catalog.predictor.registry.loaded().get(product)
+        if loaded is None or loaded.version != base_version:
+            return
+        known = set(loaded.model.bank.manifest.get("lineage", {}).get("image_ids", []))
+        staged = [p.stem for p in images() if isinstance(p, Path)]
+        if known and staged and known.issuperset(staged):
+            raise NoNominalImages(f"every staged image is already in {base_version}'s lineage; "
+                                  "stage new images to append")
 
     def _resolve_base(self, product: str, params: BuildParams) -> BuildParams:
         # What the base bank's features and threshold were made with: an append cannot change

@@ -216,3 +216,18 @@ def test_an_append_calibrates_with_the_products_image_score_rule(images, lite0_s
     monkeypatch.setattr(patchcore, "score_patches", spy)
     append_to_bank(base, images["new"][:2], append_config(base), lite0_small)
     assert rules and set(rules) == {10}
+
+
+def test_a_ratio_replaces_the_absolute_size_of_the_base():
+    """A base built with --coreset-size kept that size through an append that asked for a
+    ratio, so the append failed saying to raise the ratio."""
+    from app.core.bank import MemoryBank
+    from app.core.patchcore import PatchCoreConfig, append_config
+
+    stored = PatchCoreConfig(coreset_size=300)
+    base = MemoryBank(np.zeros((300, 4), np.float32), np.ones(5),
+                      {"config": stored.to_dict(), "embedder": stored.embedder.to_dict()})
+    assert append_config(base).coreset_size == 300  # nothing asked: the base's own setting
+    asked = append_config(base, coreset_ratio=0.1)
+    assert (asked.coreset_size, asked.coreset_ratio) == (None, 0.1)
+    assert append_config(base, coreset_ratio=0.1, coreset_size=500).coreset_size == 500

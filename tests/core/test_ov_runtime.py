@@ -57,6 +57,12 @@ def test_openvino_bf16_stays_within_its_stated_tolerance(real_batch):
     torch_embedder, batch = real_batch
     ov_bf16 = create_embedder(EmbedderConfig(aggregation="mean"), device="cpu", runtime="openvino",
                               precision="bf16")
+    if ov_bf16.precision != "bf16":
+        # OpenVINO runs a bf16 request in f32 on a CPU without bf16 kernels (no AVX512-BF16 or
+        # AMX); the embedder says so instead of reporting bf16 (checked here), and there is no
+        # bf16 tolerance to measure.
+        assert ov_bf16.describe()["precision"] == "f32"
+        pytest.skip("this CPU has no bf16 kernels: OpenVINO runs bf16 requests in f32")
     with torch.inference_mode():
         reference = torch_embedder.backbone(batch)
     errors = [_relative(got, want) for got, want in zip(ov_bf16.backbone(batch), reference, strict=True)]

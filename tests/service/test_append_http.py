@@ -57,9 +57,9 @@ def test_append_requests_that_cannot_work(http, base_version):
 
 
 def test_append_flow_versions_rollback_and_delete(http, server, base_version, bottle_train, bottle_good):
-    # Everything staged is already in the base: nothing to append.
-    job = _build(http, {"mode": "append"})
-    assert job["state"] == "failed" and job["error"]["code"] == "no_nominal_images", job
+    # Everything staged is already in the base: nothing to append, refused at submit.
+    nothing = http.post(f"{BASE}/builds", headers=ADMIN, json={"mode": "append"})
+    assert nothing.status_code == 409 and nothing.json()["error"]["code"] == "no_nominal_images", nothing.text
 
     assert upload(http, PRODUCT, bottle_train[6:8]).status_code == 201
     job = _build(http, {"mode": "append"})
