@@ -163,7 +163,11 @@ class ProductRegistry:
             if install_guard is None:
                 return self.install(name, version, model)
             with install_guard(name):
-                if self.store.active_version(name) != version:
+                try:
+                    still_active = self.store.active_version(name) == version
+                except Exception:  # noqa: BLE001 - moved, broken or unreachable: not this reload's to install
+                    still_active = False
+                if not still_active:
                     return self._products.get(name)
                 return self.install(name, version, model)
         except Exception as exc:  # noqa: BLE001 - whatever a bad bank raises, the other products still load
