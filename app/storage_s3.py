@@ -55,6 +55,7 @@ from app.storage import (
     StoreUnavailable,
     VersionInUse,
     VersionNotFound,
+    activate_or_discard,
     check_product_name,
     check_version_name,
     is_no_space,
@@ -499,7 +500,7 @@ class S3BankStore:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if activate:
-            self.activate(product, version)
+            activate_or_discard(self, product, version)
         return version
 
     def activate(self, product: str, version: str, expected: Expected = ANY) -> None:

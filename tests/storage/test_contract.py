@@ -23,6 +23,7 @@ from app.storage import (
     ActivationConflict,
     BankStore,
     BrokenActivePointer,
+    InsufficientStorage,
     InvalidName,
     LocalBankStore,
     NoActiveVersion,
@@ -375,3 +376,20 @@ def test_store_unreachable_at_start_then_back(backend):
     down.ping()
     assert down.load("bottle")[0] == version
     assert down.save("bottle", tiny_bank(rows=5)) in down.versions("bottle")
+
+
+def test_a_save_whose_activation_fails_leaves_no_version(backend, monkeypatch):
+    """A pointer write that fails (a full disk, an outage) must not leave a whole version that
+    no pointer names: the build reports that nothing was written."""
+    store = backend.store()
+    first = store.save("bottle", tiny_bank())
+
+    def refused(self, product, version, expected=None):
+        raise InsufficientStorage(f"no space left to activate {product}/{version}")
+
+    monkeypatch.setattr(type(store), "activate", refused)
+    with pytest.raises(InsufficientStorage):
+        store.save("bottle", tiny_bank(seed=1))
+    monkeypatch.undo()
+    fresh = backend.store()
+    assert fresh.versions("bottle") == [first] and fresh.active_version("bottle") == first
