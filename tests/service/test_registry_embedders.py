@@ -12,14 +12,12 @@ import gc
 from app.core.embedding import EmbedderConfig
 from app.service.registry import ProductRegistry
 from app.storage import LocalBankStore
-from tests.service.test_watch import registry_on, tiny_bank
+from tests.service.test_watch import fake_embedder, registry_on, tiny_bank
 
 ODD = EmbedderConfig(stage_dim=32)
 
 
 def counting_registry(tmp_path) -> tuple[ProductRegistry, list[EmbedderConfig]]:
-    from tests.service.test_watch import fake_embedder
-
     made: list[EmbedderConfig] = []
 
     def factory(config: EmbedderConfig):

@@ -12,15 +12,13 @@ from .conftest import ADMIN, start_server, stop_server, test_settings, upload
 pytestmark = pytest.mark.slow
 
 
-def test_a_bank_read_that_fails_as_unavailable_at_start_is_retried(tmp_path, tile_bank, monkeypatch):
-    """One timed-out read while the banks load used to fail the product for good (ready, but
-    503 for it until a restart)."""
-    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
-    load, calls = LocalBankStore.load, []
+def _listing_when_reads_fail(tmp_path, monkeypatch, fails) -> dict:
+    """The product listing of a server started on `tmp_path` while the store's bank reads raise
+    StoreUnavailable whenever `fails(product)` says so."""
+    load = LocalBankStore.load
 
     def flaky(self, product, version=None):
-        calls.append(product)
-        if len(calls) == 1:
+        if fails(product):
             raise StoreUnavailable("read timed out")
         return load(self, product, version)
 
@@ -28,11 +26,24 @@ def test_a_bank_read_that_fails_as_unavailable_at_start_is_retried(tmp_path, til
     live = start_server(test_settings(tmp_path))
     try:
         with live.client() as http:
-            listed = http.get("/v1/products").json()
-            assert [p["name"] for p in listed["products"]] == ["tile"] and listed["failed"] == []
-            assert len(calls) >= 2
+            return http.get("/v1/products").json()
     finally:
         stop_server(live)
+
+
+def test_a_bank_read_that_fails_as_unavailable_at_start_is_retried(tmp_path, tile_bank, monkeypatch):
+    """One timed-out read while the banks load used to fail the product for good (ready, but
+    503 for it until a restart)."""
+    LocalBankStore(tmp_path).save("tile", tile_bank, activate=True)
+    calls: list[str] = []
+
+    def first_read_fails(product: str) -> bool:
+        calls.append(product)
+        return len(calls) == 1
+
+    listed = _listing_when_reads_fail(tmp_path, monkeypatch, first_read_fails)
+    assert [p["name"] for p in listed["products"]] == ["tile"] and listed["failed"] == []
+    assert len(calls) >= 2
 
 
 def test_a_read_that_stays_unavailable_fails_only_its_product(tmp_path, tile_bank, monkeypatch):
@@ -41,22 +52,9 @@ def test_a_read_that_stays_unavailable_fails_only_its_product(tmp_path, tile_ban
     store = LocalBankStore(tmp_path)
     store.save("tile", tile_bank, activate=True)
     store.save("stuck", tile_bank, activate=True)
-    load = LocalBankStore.load
-
-    def stuck(self, product, version=None):
-        if product == "stuck":
-            raise StoreUnavailable("read timed out")
-        return load(self, product, version)
-
-    monkeypatch.setattr(LocalBankStore, "load", stuck)
-    live = start_server(test_settings(tmp_path))
-    try:
-        with live.client() as http:
-            listed = http.get("/v1/products").json()
-            assert [p["name"] for p in listed["products"]] == ["tile"]
-            assert [(f["name"], f["error_code"]) for f in listed["failed"]] == [("stuck", "store_unavailable")]
-    finally:
-        stop_server(live)
+    listed = _listing_when_reads_fail(tmp_path, monkeypatch, lambda product: product == "stuck")
+    assert [p["name"] for p in listed["products"]] == ["tile"]
+    assert [(f["name"], f["error_code"]) for f in listed["failed"]] == [("stuck", "store_unavailable")]
 
 
 def test_a_broken_or_missing_pointer_lists_the_versions_and_refuses_an_append(tmp_path, tile_bank, tile_train):
