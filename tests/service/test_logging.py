@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from app.service.logging import JsonFormatter, RequestIdFilter, request_id_var
 
@@ -25,7 +26,15 @@ def test_a_path_cannot_forge_a_line_in_the_text_access_log(server, caplog):
     import httpx
 
     forged = "x%0a2026-12-01 00:00:00,000 INFO app.service.catalog deleted product bottle"
+    def access_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "app.service.access" and "deleted" in r.getMessage()]
+
     with caplog.at_level(logging.INFO, logger="app.service.access"), httpx.Client(base_url=server.url) as http:
         assert http.get(f"/v1/products/{forged}").status_code in (404, 422)
-    lines = [r.getMessage() for r in caplog.records if r.name == "app.service.access" and "deleted" in r.getMessage()]
+        # The middleware writes the access line after the last byte is sent, so the client can
+        # hold the response before the server thread has logged it (CI caught that race).
+        deadline = time.monotonic() + 10
+        while not access_lines() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    lines = access_lines()
     assert lines and all("\n" not in line for line in lines) and "\\n2026" in lines[0]
