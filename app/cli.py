@@ -91,6 +91,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                          help="frame the central fraction F of width and height (0.875 = resize 256, crop 224)")
     framing.add_argument("--roi", default=None, metavar="X0,Y0,X1,Y1",
                          help="frame this box, in original-image pixels (default: the whole frame)")
+    parser.add_argument("--aspect", default=defaults.framing.aspect, choices=["keep", "squeeze"],
+                        help="network input of each framed box: about S x S pixels with its aspect kept "
+                             "(keep), or exactly S x S (squeeze, banks before stop 21); default %(default)s")
     parser.add_argument("--holdout-fraction", type=float, default=defaults.holdout_fraction,
                         help="nominal images kept out of the bank to calibrate the threshold")
     parser.add_argument("--map-sigma", type=_map_sigma, default=defaults.gaussian_sigma, metavar="PX",
@@ -140,7 +143,7 @@ def _config_from(args: argparse.Namespace):
     ratio = 0.1 if args.coreset_ratio is None else args.coreset_ratio
     return PatchCoreConfig(embedder=embedder, coreset_ratio=ratio, coreset_size=args.coreset_size,
                            projection_dim=args.projection_dim or None, reweight_neighbours=args.reweight,
-                           top_k=args.top_k, framing=Framing.parse(args.centre_crop, args.roi),
+                           top_k=args.top_k, framing=Framing.parse(args.centre_crop, args.roi, args.aspect),
                            holdout_fraction=args.holdout_fraction, false_alarm_rate=args.false_alarm_rate,
                            gaussian_sigma=args.map_sigma, stage_balance=args.stage_balance, seed=args.seed)
 
@@ -208,7 +211,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 # Build options an append cannot change: they decide the base bank's features, scores or threshold.
 _KEPT_BY_APPEND = ("backbone", "image_size", "stage_dim", "patch_size", "aggregation", "normalisation",
-                   "centre_crop", "roi", "holdout_fraction", "map_sigma", "false_alarm_rate", "stage_balance",
+                   "centre_crop", "roi", "aspect", "holdout_fraction", "map_sigma", "false_alarm_rate", "stage_balance",
                    "top_k", "reweight", "projection_dim")
 
 

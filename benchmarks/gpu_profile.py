@@ -79,7 +79,7 @@ def profile_batch(batch: int, pngs: list[bytes], jpegs: list[bytes], models: dic
     row["decode_jpeg_on_device_ms_per_img"] = timed(
         lambda b=bodies_jpeg: device_decode_resize(b, embedder), device, rounds) * 1000 / batch
     model = models["bf16"]
-    tensors = model.preprocess(arrays, sizes)
+    tensors = torch.stack(model.preprocess(arrays, sizes))
     # How far the device path's input is from the CPU path's (reduced-scale decode + PIL
     # resize), in normalised units (one grey level is 1/128 = 0.0078 for the Lite backbones).
     on_device = device_decode_resize(bodies_jpeg, embedder).cpu()

@@ -69,7 +69,8 @@ def main() -> None:
         if header_size is None:
             raise SystemExit(f"{item.path.name}: the device path does not take this JPEG")
         [tensor] = decode_to_network_input([(jpeg, header_size, None)], embedder.device,
-                                           embedder.preprocess_decoded)
+                                           embedder.preprocess_decoded,
+                                           shapes=[model.framing.input_shape_for(header_size, size)])
         if tensor is None:
             raise SystemExit(f"{item.path.name}: the device decoder refused it")
         [on_device] = predict_batch([BatchItem(model, tensor, header_size)])

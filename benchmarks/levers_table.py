@@ -15,10 +15,13 @@ from pathlib import Path
 
 def framing_text(framing: dict) -> str:
     if framing["mode"] == "centre":
-        return f"centre {framing['fraction']:g}"
-    if framing["mode"] == "roi":
-        return "roi " + ",".join(map(str, framing["roi"]))
-    return "whole"
+        part = f"centre {framing['fraction']:g}"
+    elif framing["mode"] == "roi":
+        part = "roi " + ",".join(map(str, framing["roi"]))
+    else:
+        part = "whole"
+    # Runs before stop 21 have no "aspect": they squeezed every frame to S x S.
+    return part + (", aspect kept" if framing.get("aspect") == "keep" else "")
 
 
 def row(r: dict) -> str:

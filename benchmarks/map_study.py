@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -48,7 +49,7 @@ def main() -> None:
     grids, types, masks, shapes = [], [], [], []
     for item in category.test:
         image = decode_image(item.path, max_pixels=None)
-        features = model.scaled(model.embedder.embed(model.preprocess([image])).numpy())
+        features = model.scaled(model.embedder.embed(torch.stack(model.preprocess([image]))).numpy())
         h, w = features.shape[1:3]
         distances, _ = model.index.search(features.reshape(h * w, -1), k=3)
         grids.append(distances.reshape(h, w, 3))
@@ -58,10 +59,10 @@ def main() -> None:
         masks.append(np.asarray(Image.open(item.mask_path).convert("L").resize((width, height),
                                 Image.Resampling.NEAREST)) > mask_threshold
                      if item.mask_path is not None else np.zeros((height, width), bool))
-    patch = np.stack(grids)
-    size = model.embedder.config.image_size
-    def maps_for(scores: np.ndarray, sigma: float) -> list[np.ndarray]:
-        return [anomaly_maps(scores[i:i + 1], size, [shapes[i]], sigma)[0] for i in range(len(scores))]
+    def maps_for(scores: list[np.ndarray], sigma: float) -> list[np.ndarray]:
+        # Each image's input was 8x its patch grid (S x S, or aspect-kept: grids differ).
+        return [anomaly_maps(s[None], (8 * s.shape[0], 8 * s.shape[1]), [shapes[i]], sigma)[0]
+                for i, s in enumerate(scores)]
 
     results: dict[str, float] = {}
 
@@ -69,12 +70,12 @@ def main() -> None:
         results[name] = _pixel_aurocs(maps, masks, types, BINS)[0]
         print(f"{name:40s} pixel AUROC {results[name]:.4f}", flush=True)
 
-    nearest = patch[..., 0]
+    nearest = [g[..., 0] for g in grids]
     default_maps = maps_for(nearest, model.gaussian_sigma)
     report(f"default (nearest row, sigma {model.gaussian_sigma:g})", default_maps)
     for sigma in (0.0, 2.0, 8.0, 12.0):
         report(f"sigma {sigma:g}", maps_for(nearest, sigma))
-    report("mean of 3 nearest rows", maps_for(patch.mean(-1), model.gaussian_sigma))
+    report("mean of 3 nearest rows", maps_for([g.mean(-1) for g in grids], model.gaussian_sigma))
     report("per image: minus median", [m - np.median(m) for m in default_maps])
     report("per image: minus mean", [m - m.mean() for m in default_maps])
     report("per image: divided by median", [m / np.median(m) for m in default_maps])

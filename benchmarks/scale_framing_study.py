@@ -32,6 +32,7 @@ from app.core.coreset import select_coreset
 from app.core.embedding import EmbedderConfig, create_embedder, standardise_exposure
 from app.core.evaluation import _pixel_aurocs, read_category
 from app.core.images import decode_image
+from app.core.patchcore import PatchCoreConfig, _split_holdout
 from app.core.scoring import gaussian_kernel
 
 
@@ -41,6 +42,9 @@ def run(mode: str, args: argparse.Namespace) -> dict:
     size = embedder.config.image_size
     category = read_category(args.data, args.category)
     train = category.train[::args.train_every]
+    if args.holdout_fraction > 0:  # the bank's images as the engine picks them (patchcore._split_holdout)
+        config = PatchCoreConfig(holdout_fraction=args.holdout_fraction)
+        train = [train[i] for i in _split_holdout(len(train), config)[0]]
     factor = size / np.sqrt(np.median([np.prod(Image.open(p).size) for p in train]))
 
     def target(height: int, width: int) -> tuple[int, int]:
@@ -99,6 +103,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--category", default="magnetic_tile")
     parser.add_argument("--train-every", type=int, default=4)
+    parser.add_argument("--holdout-fraction", type=float, default=0.0,
+                        help="leave out this share of the training images as the engine's calibration holdout does")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--stage-dim", type=int, default=EmbedderConfig().stage_dim)
     parser.add_argument("--normalisation", default=EmbedderConfig().normalisation, choices=("image", "dataset"))

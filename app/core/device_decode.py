@@ -114,12 +114,14 @@ def _decode(encoded: Sequence[torch.Tensor], device: torch.device) -> list[torch
 
 def decode_to_network_input(
         jpegs: Sequence[tuple[bytes, tuple[int, int], Box | None]], device: torch.device,
-        preprocess: Callable[[torch.Tensor, Box | None], torch.Tensor],
-        chunk_pixels: int = CHUNK_PIXELS) -> list[torch.Tensor | None]:
-    """Decode JPEGs on `device` and turn each into the network input (3, S, S) there.
+        preprocess: Callable[..., torch.Tensor],
+        chunk_pixels: int = CHUNK_PIXELS,
+        shapes: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor | None]:
+    """Decode JPEGs on `device` and turn each into the network input (3, h, w) there.
 
     jpegs: (encoded bytes, (H, W) from `device_jpeg_size`, framed box in original pixels
-    or None). preprocess: the embedder's `preprocess_decoded`. Frames are decoded in
+    or None). preprocess: the embedder's `preprocess_decoded`, called with each frame's
+    input shape from `shapes` when given (aspect-kept framing). Frames are decoded in
     chunks of at most `chunk_pixels`; a chunk the decoder refuses is retried frame by
     frame, and a frame it still refuses (or that comes out at another size than its
     header said) gives None, for the caller to decode on the CPU.
@@ -144,7 +146,8 @@ def decode_to_network_input(
                     decoded.append(None)
         for i, image in zip(chunk, decoded, strict=True):
             if image is not None and tuple(image.shape[-2:]) == jpegs[i][1]:
-                results[i] = preprocess(image, jpegs[i][2])
+                results[i] = (preprocess(image, jpegs[i][2]) if shapes is None
+                              else preprocess(image, jpegs[i][2], shapes[i]))
         del decoded, encoded
         start = stop
     return results

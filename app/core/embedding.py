@@ -187,13 +187,14 @@ class PatchEmbedder:
         self.feature_dim = sum(self.stage_dims)
 
     # ---------------------------------------------------------------- preprocessing
-    def preprocess_one(self, image: np.ndarray, box: Box | None = None) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (3, S, S) float32 normalised.
+    def preprocess_one(self, image: np.ndarray, box: Box | None = None,
+                       shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, h, w) float32 normalised, (h, w) = `shape` (default S x S).
 
         `box` (x0, y0, x1, y1) in the array's pixels (sub-pixel allowed) is the
-        framed part that is resized to S x S; None = the whole array.
+        framed part that is resized to the input shape; None = the whole array.
         """
-        size = self.config.image_size
+        out_h, out_w = shape if shape is not None else (self.config.image_size, self.config.image_size)
         height, width = image.shape[:2]
         whole = box is None or (box[0] <= 0 and box[1] <= 0 and box[2] >= width and box[3] >= height)
         if not whole and box is not None:
@@ -203,10 +204,10 @@ class PatchEmbedder:
             right, bottom = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
             window = np.ascontiguousarray(image[top:bottom, left:right])
             image = np.asarray(Image.fromarray(window).resize(
-                (size, size), Image.Resampling.BILINEAR, reducing_gap=RESIZE_REDUCING_GAP,
+                (out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=RESIZE_REDUCING_GAP,
                 box=(box[0] - left, box[1] - top, min(box[2], right) - left, min(box[3], bottom) - top)))
-        elif height != size or width != size:
-            image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR,
+        elif height != out_h or width != out_w:
+            image = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BILINEAR,
                                                              reducing_gap=RESIZE_REDUCING_GAP))
         # In torch, in place on the one float copy: 0.15 ms instead of numpy's 0.54 at 224 px.
         pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
@@ -214,23 +215,25 @@ class PatchEmbedder:
             standardise_exposure(pixels, *self._reference)
         return pixels.sub_(self._mean_t).mul_(self._inv_std_t)
 
-    def preprocess_decoded(self, image: torch.Tensor, box: Box | None = None) -> torch.Tensor:
-        """(3, H, W) uint8 on any device -> (3, S, S) float32 normalised, on that device.
+    def preprocess_decoded(self, image: torch.Tensor, box: Box | None = None,
+                           shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """(3, H, W) uint8 on any device -> (3, h, w) float32 normalised, on that device,
+        (h, w) = `shape` (default S x S).
 
         The device twin of `preprocess_one` (app.core.device_decode): the box is rounded
         to whole pixels (under half a pixel of the frame from the CPU path's sub-pixel box),
         the resize is torch's antialiased bilinear, which follows PIL's filter, and the
         result is rounded to whole grey levels as PIL's uint8 output is.
         """
-        size = self.config.image_size
+        out = shape if shape is not None else (self.config.image_size, self.config.image_size)
         height, width = image.shape[-2:]
         if box is not None:
             left, top = max(0, round(box[0])), max(0, round(box[1]))
             right, bottom = min(width, max(left + 1, round(box[2]))), min(height, max(top + 1, round(box[3])))
             image = image[:, top:bottom, left:right]
         pixels = image.unsqueeze(0).float()
-        if pixels.shape[-2:] != (size, size):
-            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False,
+        if tuple(pixels.shape[-2:]) != tuple(out):
+            pixels = F.interpolate(pixels, size=tuple(out), mode="bilinear", align_corners=False,
                                    antialias=True).round_().clamp_(0.0, 255.0)
         if self.config.normalisation == "image":
             standardise_exposure(pixels, *self._reference)
@@ -247,13 +250,31 @@ class PatchEmbedder:
 
     def preprocess(self, images: Sequence[np.ndarray], boxes: Sequence[Box | None] | None = None) -> torch.Tensor:
         """list of (H, W, 3) uint8 [+ one framed box each, in array pixels] -> (B, 3, S, S) float32."""
+        return torch.stack(self.preprocess_each(images, boxes))
+
+    def preprocess_each(self, images: Sequence[np.ndarray], boxes: Sequence[Box | None] | None = None,
+                        shapes: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """list of (H, W, 3) uint8 [+ one framed box each, in array pixels, and one input shape
+        each (default S x S)] -> one (3, h, w) float32 tensor per image."""
         boxes = boxes if boxes is not None else [None] * len(images)
-        return torch.stack([self.preprocess_one(image, box) for image, box in zip(images, boxes, strict=True)])
+        shapes = shapes if shapes is not None else [None] * len(images)  # type: ignore[list-item]
+        return [self.preprocess_one(image, box, shape)
+                for image, box, shape in zip(images, boxes, shapes, strict=True)]
+
+    def embed_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Network inputs of any shapes -> each one's patch features (h/8, w/8, D) on the CPU:
+        one backbone pass per distinct shape, results in the inputs' order."""
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        for indices in group_by_shape(tensors).values():
+            features = self.embed(torch.stack([tensors[i] for i in indices]))
+            for position, i in enumerate(indices):
+                out[i] = features[position]
+        return out  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- features
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor, on_device: bool = False) -> torch.Tensor:
-        """(B, 3, S, S) -> patch features (B, S/8, S/8, D), float32 on the CPU, or with
+        """(B, 3, h, w) -> patch features (B, h/8, w/8, D), float32 on the CPU, or with
         on_device on the embedder's device (a GPU search then never copies them back)."""
         with self._lock:
             if self.device.type == "cuda" and not batch.is_cuda:
@@ -356,6 +377,14 @@ class StagesWithHead(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         stage8, stage16 = self.stages(images)
         return self.head(stage8, stage16)
+
+
+def group_by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    """Positions of the tensors of each shape (a batch stacks only equal shapes)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault(tuple(tensor.shape), []).append(index)
+    return groups
 
 
 @torch.inference_mode()

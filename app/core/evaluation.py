@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from app.core.bank import MemoryBank
@@ -125,14 +126,15 @@ def evaluate_bank(
         t0 = time.perf_counter()
         image = decode_image(item.path, max_pixels=None)
         t1 = time.perf_counter()
-        embeddings = embedder.embed(model.preprocess([image])).numpy()
+        embeddings = embedder.embed(torch.stack(model.preprocess([image]))).numpy()
         t2 = time.perf_counter()
         patch_scores, image_scores = score_patches(model.index, model.scaled(embeddings), model.reweight_neighbours,
                                                    model.top_k)
         t3 = time.perf_counter()
         box = None if model.framing.is_whole() else model.framing.box(*image.shape[:2])
-        amap = anomaly_maps(patch_scores, embedder.config.image_size, [image.shape[:2]], model.gaussian_sigma,
-                            [box])[0]
+        # The input was 8x the patch grid (stride 8): S x S, or the aspect-kept shape.
+        amap = anomaly_maps(patch_scores, (8 * patch_scores.shape[1], 8 * patch_scores.shape[2]),
+                            [image.shape[:2]], model.gaussian_sigma, [box])[0]
         decisions.append(bool(image_scores[0] > model.calibration.threshold))
         t4 = time.perf_counter()
         for key, value in zip(split, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):

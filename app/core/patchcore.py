@@ -24,7 +24,7 @@ from app import __version__
 from app.core.bank import MemoryBank
 from app.core.calibration import MIN_FALSE_ALARM_RATE, Calibration, calibrate_f1, calibrate_from_nominal
 from app.core.coreset import continue_coreset, coreset_size_for, projection_matrix, select_coreset
-from app.core.embedding import EmbedderConfig, PatchEmbedder
+from app.core.embedding import EmbedderConfig, PatchEmbedder, group_by_shape
 from app.core.errors import BankIncompatible, BuildCancelled, InvalidImage, NotEnoughImages
 from app.core.framing import Box, Framing
 from app.core.images import as_rgb_array, decode_image
@@ -110,7 +110,7 @@ class Prediction:
     threshold: float              # raw threshold
     is_anomalous: bool
     calibration: Calibration
-    smoothed_map: torch.Tensor    # (S, S) smoothed patch distances at the network input size
+    smoothed_map: torch.Tensor    # (h, w) smoothed patch distances at the network input's size
     size: tuple[int, int]         # original (H, W)
     box: Box | None = None        # framed box in original pixels (None = whole frame); map is 0 outside
 
@@ -213,6 +213,18 @@ def _split_holdout(count: int, config: PatchCoreConfig) -> tuple[np.ndarray, np.
     return np.sort(order[holdout:]), np.sort(order[:holdout])
 
 
+def input_shapes(framing: Framing, arrays: Sequence[np.ndarray], size: int,
+                 original_sizes: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """The network input's (H, W) for each array: S x S, or with the aspect kept from its
+    framed box in original pixels (an array decoded at a reduced scale has its original
+    (H, W) in original_sizes)."""
+    sizes = original_sizes if original_sizes is not None else [a.shape[:2] for a in arrays]
+    try:
+        return [framing.input_shape_for((int(s[0]), int(s[1])), size) for s in sizes]
+    except ValueError as exc:  # an image too small for the product's region of interest
+        raise InvalidImage(str(exc)) from exc
+
+
 def framed_boxes(framing: Framing, arrays: Sequence[np.ndarray],
                  original_sizes: Sequence[tuple[int, int]] | None = None) -> list[Box | None]:
     """The framed box of each array in its own pixels (None = whole frame). An array
@@ -231,67 +243,108 @@ def embed_images(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_
                  progress: Callable[[float], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  framing: Framing | None = None, projection: np.ndarray | None = None,
-                 scale: np.ndarray | None = None) -> np.ndarray:
-    """Stream images through the backbone into one preallocated (N * h * w, D) float32 array.
+                 scale: np.ndarray | None = None, grids: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """Stream images through the backbone into one (sum of h * w, D) float32 array of rows,
+    image after image.
 
     Only one batch of decoded images is in memory at a time. With `projection` (D, d)
-    each batch is projected as it comes and only the (N * h * w, d) projection is kept.
+    each batch is projected as it comes and only the (rows, d) projection is kept.
     `scale` (D,) multiplies every feature first (a stage-balanced bank's space).
+    `grids`, when given, gets each image's patch grid (h, w) appended: with the aspect
+    kept (framing), images of other aspects give other grids.
     """
-    per_image = embedder.grid_size ** 2
     width = embedder.feature_dim if projection is None else projection.shape[1]
-    out = np.empty((len(sources) * per_image, width), dtype=np.float32)
+    # Preallocated for S x S inputs; an aspect-kept input holds about as many patches
+    # (area about S x S, sides rounded to 16 px), and the array grows if it holds more.
+    out = np.empty((len(sources) * embedder.grid_size ** 2, width), dtype=np.float32)
     row = 0
     for done, batch in enumerate(_batches(sources, batch_size)):
         if should_stop is not None and should_stop():
             raise BuildCancelled("feature extraction cancelled")
-        features = _embed_batch(embedder, batch, framing, scale)
+        per_image = _framed_features(embedder, batch, framing, scale)
+        features = _as_rows(per_image)
         rows = features.shape[0]
+        if row + rows > out.shape[0]:
+            remaining = len(sources) - done * batch_size - len(batch)
+            grown = np.empty((row + rows + remaining * embedder.grid_size ** 2 * 5 // 4, width), dtype=np.float32)
+            grown[:row] = out[:row]
+            out = grown
         if projection is None:
             out[row:row + rows] = features
         else:
             np.matmul(features, projection, out=out[row:row + rows])
         row += rows
+        if grids is not None:
+            grids.extend((int(f.shape[0]), int(f.shape[1])) for f in per_image)
         if progress is not None:
             progress(min(1.0, (done + 1) * batch_size / len(sources)))
-    return out
+    return out[:row] if row < out.shape[0] else out
 
 
 def _framed_features(embedder: PatchEmbedder, batch: Sequence[np.ndarray], framing: Framing | None,
-                     scale: np.ndarray | None = None) -> np.ndarray:
-    """One batch of decoded images -> their patch features (B, h, w, D) float32, framed as the
-    product frames them and scaled as its bank is (stage balancing), as a query will be."""
-    features = embedder.embed(embedder.preprocess(batch, framed_boxes(framing or Framing(), batch))).numpy()
+                     scale: np.ndarray | None = None) -> list[np.ndarray]:
+    """One batch of decoded images -> each one's patch features (h, w, D) float32, framed
+    as the product frames them (box and input shape) and scaled as its bank is (stage
+    balancing), as a query will be."""
+    framing = framing or Framing()
+    tensors = embedder.preprocess_each(batch, framed_boxes(framing, batch),
+                                       input_shapes(framing, batch, embedder.config.image_size))
+    features = [f.numpy() for f in embedder.embed_all(tensors)]
     if scale is not None:
-        features *= scale
+        for f in features:
+            f *= scale
     return features
 
 
-def _embed_batch(embedder: PatchEmbedder, batch: Sequence[np.ndarray], framing: Framing | None,
-                 scale: np.ndarray | None = None) -> np.ndarray:
-    """One batch of decoded images -> their patch features as rows (B * h * w, D) float32."""
-    features = _framed_features(embedder, batch, framing, scale)
-    return features.reshape(-1, features.shape[-1])
+def _as_rows(features: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-image patch features (h, w, D) -> their rows (sum of h * w, D), image after image."""
+    return np.concatenate([f.reshape(-1, f.shape[-1]) for f in features])
+
+
+def image_scores_of(index: SearchIndex, features: Sequence[np.ndarray], reweight_neighbours: int = 0,
+                    top_k: int = 1) -> np.ndarray:
+    """Image scores of per-image patch features (h, w, D) of any grids, in their order:
+    one search per distinct grid."""
+    scores = np.empty(len(features), dtype=np.float64)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(features):
+        groups.setdefault(f.shape, []).append(i)
+    for indices in groups.values():
+        scores[indices] = score_patches(index, np.stack([features[i] for i in indices]), reweight_neighbours,
+                                        top_k)[1]
+    return scores
+
+
+def split_rows(rows: np.ndarray, grids: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Rows of images laid one after another (embed_images) -> each image's (h, w, D)."""
+    ends = np.cumsum([h * w for h, w in grids])
+    return [part.reshape(h, w, -1) for part, (h, w) in zip(np.split(rows, ends[:-1]), grids, strict=True)]
 
 
 def collect_rows(embedder: PatchEmbedder, sources: Sequence[ImageSource], batch_size: int, rows: np.ndarray,
-                 should_stop: Callable[[], bool] | None = None, framing: Framing | None = None,
-                 scale: np.ndarray | None = None) -> np.ndarray:
-    """The patch features of the given rows (sorted, of the (N * h * w, D) array that
-    `embed_images` would return), embedding again only the images that hold one."""
-    per_image = embedder.grid_size ** 2
+                 grids: Sequence[tuple[int, int]], should_stop: Callable[[], bool] | None = None,
+                 framing: Framing | None = None, scale: np.ndarray | None = None) -> np.ndarray:
+    """The patch features of the given rows (sorted, of the array that `embed_images`
+    returned with these `grids`), embedding again only the images that hold one."""
+    starts = np.concatenate([[0], np.cumsum([h * w for h, w in grids])]).astype(np.int64)
     out = np.empty((len(rows), embedder.feature_dim), dtype=np.float32)
-    wanted = np.unique(rows // per_image)
+    owner = np.searchsorted(starts, rows, side="right") - 1
+    wanted = np.unique(owner)
     written = 0
     for start in range(0, len(wanted), batch_size):
         if should_stop is not None and should_stop():
             raise BuildCancelled("feature extraction cancelled")
         images = wanted[start:start + batch_size]
-        features = _embed_batch(embedder, [_as_array(sources[i]) for i in images], framing, scale)
+        per_image = _framed_features(embedder, [_as_array(sources[i]) for i in images], framing, scale)
+        if [f.shape[:2] for f in per_image] != [tuple(grids[i]) for i in images]:
+            raise RuntimeError("an image gave another patch grid than when it was first embedded")
+        features = _as_rows(per_image)
         # Rows of these images, as positions in this batch's features.
-        lo, hi = np.searchsorted(rows, [images[0] * per_image, (images[-1] + 1) * per_image])
+        lo, hi = np.searchsorted(rows, [starts[images[0]], starts[images[-1] + 1]])
         chosen = rows[lo:hi]
-        position = np.searchsorted(images, chosen // per_image) * per_image + chosen % per_image
+        batch_starts = np.concatenate([[0], np.cumsum([starts[i + 1] - starts[i] for i in images])])
+        image_of = np.searchsorted(images, owner[lo:hi])
+        position = batch_starts[image_of] + (chosen - starts[owner[lo:hi]])
         out[written:written + len(chosen)] = features[position]
         written += len(chosen)
     return out
@@ -336,8 +389,9 @@ def build_bank(
     # are 0.55 GB), and the chosen rows are embedded again afterwards.
     projection = (None if config.projection_dim is None
                   else projection_matrix(embedder.feature_dim, config.projection_dim, config.seed))
+    grids: list[tuple[int, int]] = []
     features = embed_images(embedder, fit_sources, config.batch_size,
-                            lambda f: report("features", f), should_stop, config.framing, projection, scale)
+                            lambda f: report("features", f), should_stop, config.framing, projection, scale, grids)
     timings["features_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -354,7 +408,7 @@ def build_bank(
     timings["coreset_s"] = time.perf_counter() - start
     if projection is not None:
         start = time.perf_counter()
-        bank_features = collect_rows(embedder, fit_sources, config.batch_size, chosen, should_stop,
+        bank_features = collect_rows(embedder, fit_sources, config.batch_size, chosen, grids, should_stop,
                                      config.framing, scale)
         timings["features_s"] += time.perf_counter() - start
 
@@ -507,13 +561,15 @@ def append_to_bank(
     holdout = _split_new(count, config)
     order = np.random.default_rng(config.seed).permutation(count)
     fit_ids, holdout_ids = np.sort(order[holdout:]), np.sort(order[:holdout])
-    per_image = embedder.grid_size ** 2
 
     start = time.perf_counter()
     sources = [new_images[i] for i in np.concatenate([fit_ids, holdout_ids])]
+    grids: list[tuple[int, int]] = []
     features = embed_images(embedder, sources, config.batch_size, lambda f: report("features", f), should_stop,
-                            config.framing, scale=scale)
-    fit_features, holdout_features = features[:len(fit_ids) * per_image], features[len(fit_ids) * per_image:]
+                            config.framing, scale=scale, grids=grids)
+    fit_rows = sum(h * w for h, w in grids[:len(fit_ids)])
+    new_patches = int(features.shape[0])
+    fit_features, holdout_features = features[:fit_rows], features[fit_rows:]
     timings["features_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -544,9 +600,8 @@ def append_to_bank(
 
     start = time.perf_counter()
     index = create_index(partial, embedder.device)
-    new_scores = score_patches(index, holdout_features.reshape(len(holdout_ids), embedder.grid_size,
-                                                               embedder.grid_size, -1),
-                               config.reweight_neighbours, config.top_k)[1]
+    new_scores = image_scores_of(index, split_rows(holdout_features, grids[len(fit_ids):]),
+                                 config.reweight_neighbours, config.top_k)
     del index
     timings["calibration_s"] = time.perf_counter() - start
 
@@ -580,7 +635,7 @@ def append_to_bank(
     lineage["image_ids"] = [*lineage.get("image_ids", []), *(image_ids or [])]
     lineage["steps"].append({"mode": "append", "created_at": created_at, "base_version": base_version,
                              "images": count, "fit": len(fit_ids), "holdout": len(holdout_ids),
-                             "patches": count * per_image, "new_entries": added, "until": until,
+                             "patches": new_patches, "new_entries": added, "until": until,
                              "stopped_by": stopped_by, "radius_target": stop_radius})
     manifest = {
         "created_at": created_at,
@@ -613,8 +668,8 @@ def _score_sources(embedder: PatchEmbedder, index: SearchIndex, sources: Sequenc
     for batch in _batches(sources, config.batch_size):
         if should_stop is not None and should_stop():
             raise BuildCancelled("calibration cancelled")
-        embeddings = _framed_features(embedder, batch, config.framing, scale)
-        scores.append(score_patches(index, embeddings, config.reweight_neighbours, config.top_k)[1])
+        features = _framed_features(embedder, batch, config.framing, scale)
+        scores.append(image_scores_of(index, features, config.reweight_neighbours, config.top_k))
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
@@ -669,18 +724,31 @@ class PatchCoreModel:
             return []
         if original_sizes is not None and len(original_sizes) != len(arrays):
             raise ValueError(f"{len(original_sizes)} original sizes for {len(arrays)} images")
-        embeddings = self.embedder.embed(self.preprocess(arrays, original_sizes))
+        tensors = self.preprocess(arrays, original_sizes)
         sizes = original_sizes if original_sizes is not None else [a.shape[:2] for a in arrays]
-        return self.predict_embeddings(embeddings, sizes)
+        predictions: list[Prediction | None] = [None] * len(arrays)
+        for indices in group_by_shape(tensors).values():
+            embeddings = self.embedder.embed(torch.stack([tensors[i] for i in indices]))
+            for i, prediction in zip(indices, self.predict_embeddings(embeddings, [sizes[i] for i in indices]),
+                                     strict=True):
+                predictions[i] = prediction
+        return predictions  # type: ignore[return-value]
 
     def preprocess(self, arrays: Sequence[np.ndarray],
-                   original_sizes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Decoded images -> the backbone's input, framed as this product's bank was.
+                   original_sizes: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """Decoded images -> one backbone input (3, h, w) each, framed as this product's bank
+        was (box and input shape).
 
         An array decoded at a reduced scale passes its original (H, W) in
         original_sizes, so the framed box (original pixels) is scaled onto it.
         """
-        return self.embedder.preprocess(arrays, framed_boxes(self.framing, arrays, original_sizes))
+        return self.embedder.preprocess_each(arrays, framed_boxes(self.framing, arrays, original_sizes),
+                                             self.input_shapes(arrays, original_sizes))
+
+    def input_shapes(self, arrays: Sequence[np.ndarray],
+                     original_sizes: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+        """The backbone input's (H, W) for each array, as this product's bank framed them."""
+        return input_shapes(self.framing, arrays, self.embedder.config.image_size, original_sizes)
 
     def scaled(self, embeddings: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Patch features (..., D) from the embedder -> this bank's space (a stage-balanced
@@ -703,7 +771,8 @@ class PatchCoreModel:
                              f"got {tuple(array.shape)}")
         patch_scores, image_scores = score_patches(self.index, self.scaled(array), self.reweight_neighbours,
                                                    self.top_k)
-        maps = smoothed_maps(patch_scores, self.embedder.config.image_size, self.gaussian_sigma,
+        # The network input was 8x the patch grid on each side (stride 8), S x S or aspect-kept.
+        maps = smoothed_maps(patch_scores, (8 * array.shape[1], 8 * array.shape[2]), self.gaussian_sigma,
                              device=self.embedder.device)
         threshold = self.calibration.threshold
         return [
@@ -722,19 +791,20 @@ class BatchItem:
     """One preprocessed image for `predict_batch`, with the model that scores it."""
 
     model: PatchCoreModel
-    tensor: torch.Tensor          # (3, S, S) float32, from model.preprocess (framed)
+    tensor: torch.Tensor          # (3, h, w) float32, from model.preprocess (framed)
     size: tuple[int, int]         # original (H, W)
 
 
 def predict_batch(items: Sequence[BatchItem]) -> list[Prediction | Exception]:
-    """Score images of many products in one call: one backbone pass per embedder
-    (products built with the same EmbedderConfig share it), then each model's kNN
+    """Score images of many products in one call: one backbone pass per embedder and input
+    shape (products built with the same EmbedderConfig share it), then each model's kNN
     on its slice. A failure fails only the items it touched: their entry is the
     exception, the others are Predictions."""
     results: list[Prediction | Exception | None] = [None] * len(items)
-    by_embedder: dict[int, list[int]] = {}
+    by_embedder: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     for index, item in enumerate(items):
-        by_embedder.setdefault(id(item.model.embedder), []).append(index)
+        # One stacked batch per backbone and input shape (aspect-kept inputs differ in shape).
+        by_embedder.setdefault((id(item.model.embedder), tuple(item.tensor.shape)), []).append(index)
     for indices in by_embedder.values():
         embedder = items[indices[0]].model.embedder
         try:

@@ -84,20 +84,22 @@ def gaussian_kernel(sigma: float, max_radius: int | None = None) -> torch.Tensor
     return kernel / kernel.sum()
 
 
-def smoothed_maps(patch_scores: np.ndarray, image_size: int, sigma: float = 4.0,
+def smoothed_maps(patch_scores: np.ndarray, input_size: int | tuple[int, int], sigma: float = 4.0,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """patch scores (B, h, w) -> maps (B, S, S) at the network input size, on the CPU.
+    """patch scores (B, h, w) -> maps (B, H, W) at the network input's size (S, or (H, W)
+    for an aspect-kept input), on the CPU.
 
     As in the paper, patch scores are upsampled bilinearly to the network input
-    (S x S) and smoothed there with a Gaussian of sigma 4. On a GPU `device` this
+    and smoothed there with a Gaussian of sigma 4. On a GPU `device` this
     runs there (at batch 64 it took 43 ms on 16 CPU cores, most of a GPU batch's time).
     """
+    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     scores = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[:, None].to(device)
-    maps = F.interpolate(scores, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    maps = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
     if sigma > 0:
         # Reflect padding needs a radius under the map's side: a large sigma on a small input
         # (sigma 16 at 64 px, both allowed) made every predict fail; the kernel is cut there.
-        kernel = gaussian_kernel(sigma, max_radius=image_size - 1).to(maps.device)
+        kernel = gaussian_kernel(sigma, max_radius=min(height, width) - 1).to(maps.device)
         pad = len(kernel) // 2
         maps = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
         maps = F.conv2d(F.pad(maps, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1))
@@ -105,10 +107,10 @@ def smoothed_maps(patch_scores: np.ndarray, image_size: int, sigma: float = 4.0,
 
 
 def to_original_size(smoothed: torch.Tensor, size: tuple[int, int], box: Box | None = None) -> np.ndarray:
-    """One smoothed map (S, S) -> (H, W) float32 over the photo the camera sent.
+    """One smoothed map (h, w) -> (H, W) float32 over the photo the camera sent.
 
     The network saw `box` (x0, y0, x1, y1, original pixels; None = the whole frame)
-    resized to S x S, so the map is resized back onto that box, whatever its aspect,
+    resized to its input shape, so the map is resized back onto that box, whatever its aspect,
     and is zero outside it.
     """
     height, width = int(size[0]), int(size[1])
@@ -122,7 +124,7 @@ def to_original_size(smoothed: torch.Tensor, size: tuple[int, int], box: Box | N
     return full
 
 
-def anomaly_maps(patch_scores: np.ndarray, image_size: int, original_sizes: Sequence[tuple[int, int]],
+def anomaly_maps(patch_scores: np.ndarray, image_size: int | tuple[int, int], original_sizes: Sequence[tuple[int, int]],
                  sigma: float = 4.0, boxes: Sequence[Box | None] | None = None) -> list[np.ndarray]:
     """patch scores (B, h, w) -> one map (H_i, W_i) float32 per image, at its ORIGINAL size."""
     maps = smoothed_maps(patch_scores, image_size, sigma)

@@ -119,7 +119,9 @@ def score_prepared(items: Sequence[PreparedImage],
         try:
             decoded = decode_to_network_input(
                 [(items[i].encoded or b"", items[i].size, _framed_box(items[i])) for i in indices],
-                embedder.device, embedder.preprocess_decoded)
+                embedder.device, embedder.preprocess_decoded,
+                shapes=[items[i].product.model.framing.input_shape_for(items[i].size, embedder.config.image_size)
+                        for i in indices])
         except Exception as exc:  # e.g. out of device memory: these frames go to the CPU
             logger.warning("device JPEG decode failed for %d image(s), decoding on the CPU: %s",
                            len(indices), exc)

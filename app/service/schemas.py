@@ -159,6 +159,9 @@ class BuildRequest(BaseModel):
                                       "(0.875 = resize 256, crop 224); default: the whole frame")
     roi: list[int] | None = Field(default=None, min_length=4, max_length=4,
                                   description="frame this box [x0, y0, x1, y1] in original-image pixels")
+    aspect: Literal["keep", "squeeze"] | None = Field(
+        default=None, description="network input of each framed box: about image_size x image_size pixels "
+        "with its own aspect kept (keep, the default), or exactly image_size x image_size (squeeze)")
     false_alarm_rate: float | None = Field(default=None, ge=MIN_FALSE_ALARM_RATE, lt=0.5,
                                            description="false-alarm budget on good parts for the "
                                            "nominal-only threshold (0.001 = 1 in 1,000; default 0.01)")
@@ -187,15 +190,19 @@ class BuildRequest(BaseModel):
 
     def framing(self) -> Framing | None:
         """The requested framing; None keeps the default."""
-        if self.centre_crop is None and self.roi is None:
+        if self.centre_crop is None and self.roi is None and self.aspect is None:
             return None
-        return Framing.parse(self.centre_crop, ",".join(str(v) for v in self.roi) if self.roi else None)
+        return Framing.parse(self.centre_crop, ",".join(str(v) for v in self.roi) if self.roi else None,
+                             self.aspect or Framing().aspect)
 
 
 class FramingInfo(BaseModel):
     mode: Literal["whole", "centre", "roi"]
     fraction: float = Field(description="centre mode: the central fraction of width and height")
     roi: list[int] | None = Field(default=None, description="roi mode: [x0, y0, x1, y1] in original pixels")
+    aspect: Literal["keep", "squeeze"] = Field(
+        default="squeeze", description="keep: each framed box reaches the network with its own aspect "
+        "(about image_size x image_size pixels); squeeze: at exactly image_size x image_size")
 
 
 class FeedbackRequest(BaseModel):

@@ -231,3 +231,24 @@ def test_a_ratio_replaces_the_absolute_size_of_the_base():
     asked = append_config(base, coreset_ratio=0.1)
     assert (asked.coreset_size, asked.coreset_ratio) == (None, 0.1)
     assert append_config(base, coreset_ratio=0.1, coreset_size=500).coreset_size == 500
+
+
+def test_an_append_of_frames_in_other_aspects(shared_data, lite0_small):
+    """With the aspect kept, each new image has its own patch grid: the rows of fit and
+    held-out images are split by their grids, and the held-out scores stay upper bounds."""
+    tiles = list_images(shared_data / "magnetic_tile" / "train" / "good")[:48:4]
+    base = build_bank(tiles[:8], SMALL, lite0_small)
+    new = tiles[8:]
+    grids: list[tuple[int, int]] = []
+    embed_images(lite0_small, new, 4, grids=grids)
+    assert len(set(grids)) > 1
+    bank = append_to_bank(base, new, append_config(base), lite0_small)
+    step = bank.manifest["lineage"]["steps"][-1]
+    assert step["patches"] == sum(h * w for h, w in grids)
+    model = PatchCoreModel(bank, lite0_small)
+    order = np.random.default_rng(SMALL.seed).permutation(len(new))
+    held_out = [new[i] for i in np.sort(order[:step["holdout"]])]
+    stored = bank.nominal_scores[len(base.nominal_scores):]
+    served = [p.raw_score for p in model.predict([decode_image(p) for p in held_out])]
+    assert len(stored) == len(served) == step["holdout"]
+    assert all(s <= t + 1e-4 for s, t in zip(served, stored, strict=True))

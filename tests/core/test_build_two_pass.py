@@ -17,22 +17,36 @@ def train(shared_data):
     return list_images(shared_data / "bottle" / "train" / "good")[:10]
 
 
-def test_two_pass_build_equals_selecting_from_the_full_features(train, lite0_small):
+@pytest.fixture(scope="module")
+def tiles(shared_data):
+    """magnetic_tile's frames vary in aspect: with the aspect kept their patch grids differ."""
+    return list_images(shared_data / "magnetic_tile" / "train" / "good")[:60:6]
+
+
+@pytest.mark.parametrize("images", ["train", "tiles"])
+def test_two_pass_build_equals_selecting_from_the_full_features(images, lite0_small, request):
+    train = request.getfixturevalue(images)
     bank = build_bank(train, CONFIG, lite0_small)
     fit, _ = _split_holdout(len(train), CONFIG)
-    full = embed_images(lite0_small, [train[i] for i in fit], CONFIG.batch_size)
+    grids: list[tuple[int, int]] = []
+    full = embed_images(lite0_small, [train[i] for i in fit], CONFIG.batch_size, grids=grids)
+    assert full.shape[0] == sum(h * w for h, w in grids)
+    if images == "tiles":
+        assert len(set(grids)) > 1
     reference = select_coreset(full, bank.size, projection_dim=CONFIG.projection_dim, seed=CONFIG.seed)
     np.testing.assert_allclose(bank.features, full[np.sort(reference.indices)], rtol=1e-5, atol=1e-6)
     assert bank.manifest["coreset"]["coverage_radius"] == pytest.approx(reference.radius, rel=1e-6)
     assert bank.manifest["coreset"]["total_patches"] == full.shape[0]
 
 
-def test_collect_rows_embeds_only_the_images_that_hold_a_chosen_row(train, lite0_small):
-    sources = train[:7]
-    full = embed_images(lite0_small, sources, 2)
-    per_image = lite0_small.grid_size ** 2
+@pytest.mark.parametrize("images", ["train", "tiles"])
+def test_collect_rows_embeds_only_the_images_that_hold_a_chosen_row(images, lite0_small, request):
+    sources = request.getfixturevalue(images)[:7]
+    grids: list[tuple[int, int]] = []
+    full = embed_images(lite0_small, sources, 2, grids=grids)
+    starts = np.concatenate([[0], np.cumsum([h * w for h, w in grids])])
     # Rows from images 0, 3 and 6 only (first, middle, last), out of order within an image.
-    rows = np.sort(np.array([5, per_image - 1, 3 * per_image + 7, 3 * per_image, 6 * per_image + 1]))
+    rows = np.sort(np.array([5, starts[1] - 1, starts[3] + 7, starts[3], starts[6] + 1]))
     calls = []
     embed = lite0_small.embed
 
@@ -42,7 +56,7 @@ def test_collect_rows_embeds_only_the_images_that_hold_a_chosen_row(train, lite0
 
     lite0_small.embed = counting
     try:
-        got = collect_rows(lite0_small, sources, 2, rows)
+        got = collect_rows(lite0_small, sources, 2, rows, grids)
     finally:
         del lite0_small.embed
     np.testing.assert_allclose(got, full[rows], rtol=1e-5, atol=1e-6)

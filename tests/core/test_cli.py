@@ -136,7 +136,7 @@ def test_eval_takes_the_framing_and_scoring_options(mini_mvtec, tmp_path):
                   "--json", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(out.read_text())
-    assert metrics["framing"] == {"mode": "roi", "fraction": 1.0, "roi": [100, 100, 800, 800]}
+    assert metrics["framing"] == {"mode": "roi", "fraction": 1.0, "roi": [100, 100, 800, 800], "aspect": "keep"}
     assert metrics["aggregation"] == "flatten" and metrics["feature_dim"] == 128 and metrics["top_k"] == 3
     assert metrics["map_sigma"] == 8.0 and metrics["patch_size"] == 5
     assert metrics["pixel_auroc"] is not None and metrics["image_auroc"] is not None

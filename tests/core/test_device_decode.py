@@ -86,6 +86,21 @@ def test_device_input_matches_the_cpu_preprocessing_of_the_same_pixels(frame, li
     assert float((framed - lite0.preprocess_one(pixels, box)).abs().mean()) < 0.02
 
 
+def test_device_input_keeps_the_aspect_as_the_cpu_path_does(frame, lite0):
+    """An aspect-kept product (framing) gets each frame at its own input shape on both paths."""
+    from app.core.framing import Framing
+
+    wide = np.ascontiguousarray(frame[:300])
+    data = _jpeg(wide)
+    shape = Framing().input_shape_for((300, 900), 224)
+    assert shape == (128, 384)
+    [network_input] = decode_to_network_input([(data, (300, 900), None)], CPU, lite0.preprocess_decoded,
+                                              shapes=[shape])
+    want = lite0.preprocess_one(decode_image(data), None, shape)
+    assert network_input.shape == want.shape == (3, *shape)
+    assert float((network_input - want).abs().mean()) < 0.01
+
+
 def test_device_input_with_image_normalisation_matches_the_cpu_path(frame):
     from app.core.embedding import EmbedderConfig, create_embedder
 

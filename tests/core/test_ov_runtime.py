@@ -133,3 +133,22 @@ def test_runtime_selection(monkeypatch):
     assert resolve_precision(None) == "bf16"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("int8")
+
+
+def test_openvino_compiles_each_aspect_kept_shape_and_matches_torch(shared_data, lite0):
+    """Aspect-kept inputs (framing) come in other shapes than S x S: the saved graph has a
+    dynamic height and width, compiled so on the first such input."""
+    from app.core.framing import Framing
+
+    assert lite0.runtime == "openvino"
+    torch_embedder = create_embedder(EmbedderConfig(), device="cpu", runtime="torch")
+    tile = decode_image(sorted((shared_data / "magnetic_tile" / "test" / "crack").glob("*.jpg"))[0])
+    shape = Framing().input_shape_for(tile.shape[:2], 224)
+    assert shape != (224, 224)
+    batch = torch_embedder.preprocess_one(tile, None, shape)[None]
+    got, want = lite0.embed(batch), torch_embedder.embed(batch)
+    assert got.shape == want.shape == (1, shape[0] // 8, shape[1] // 8, lite0.feature_dim)
+    assert _relative(got, want) < F32_TOLERANCE
+    assert lite0.backbone.compiled_for_any_shape
+    square = torch_embedder.preprocess([tile])
+    assert _relative(lite0.embed(square), torch_embedder.embed(square)) < F32_TOLERANCE

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from app.core.embedding import EmbedderConfig
 from app.core.errors import BankIncompatible, BuildCancelled, NotEnoughImages
@@ -127,7 +128,7 @@ def test_stored_map_sigma_smooths_the_served_map(bottle_model, bottle, lite0_sma
     store.save("wide", MemoryBank(bottle_model.bank.features, bottle_model.bank.nominal_scores, manifest))
     wide = PatchCoreModel(store.load("wide")[1], lite0_small)
     image = decode_image(bottle["defect"][0])
-    embeddings = lite0_small.embed(wide.preprocess([image])).numpy()
+    embeddings = lite0_small.embed(torch.stack(wide.preprocess([image]))).numpy()
     patch_scores, _ = score_patches(wide.index, embeddings)
     served, default = wide.predict([image])[0], bottle_model.predict([image])[0]
     np.testing.assert_allclose(served.smoothed_map.numpy(), smoothed_maps(patch_scores, 128, 12.0)[0].numpy(),

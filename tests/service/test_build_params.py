@@ -15,7 +15,7 @@ def test_build_params_with_framing_round_trip_through_json():
                          false_alarm_rate=0.001, map_sigma=8.0, patch_size=5, stage_dim=32, stage_balance=True,
                          normalisation="image")
     record = json.loads(json.dumps(params.describe()))
-    assert record["framing"] == {"mode": "roi", "fraction": 1.0, "roi": [1, 2, 300, 400]}
+    assert record["framing"] == {"mode": "roi", "fraction": 1.0, "roi": [1, 2, 300, 400], "aspect": "keep"}
     again = BuildParams.from_dict(record)
     assert again == params
     config = again.config()

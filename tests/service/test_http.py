@@ -302,11 +302,11 @@ def test_framing_through_the_admin_api(http, bottle_job, bottle_train, bottle_de
                               "map_sigma": 8.0, "patch_size": 5, "stage_dim": 32, "stage_balance": True,
                               "normalisation": "image"})
     assert started.status_code == 202, started.text
-    assert started.json()["params"]["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi}
+    assert started.json()["params"]["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi, "aspect": "keep"}
     job = wait_job(http, started.json()["id"])
     assert job["state"] == "succeeded", job
     listed = http.get("/v1/products/framed").json()
-    assert listed["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi}
+    assert listed["framing"] == {"mode": "roi", "fraction": 1.0, "roi": roi, "aspect": "keep"}
     assert listed["image_size"] == 128 and listed["false_alarm_rate"] == 0.001 and listed["map_sigma"] == 8.0
     assert listed["patch_size"] == 5 and listed["feature_dim"] == 64  # 32 values from each of 2 stages
     assert listed["stage_balance"] is True and http.get("/v1/products/bottle").json()["stage_balance"] is False

@@ -26,8 +26,10 @@ def test_a_path_cannot_forge_a_line_in_the_text_access_log(server, caplog):
     import httpx
 
     forged = "x%0a2026-12-01 00:00:00,000 INFO app.service.catalog deleted product bottle"
+
     def access_lines() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name == "app.service.access" and "deleted" in r.getMessage()]
+        return [r.getMessage() for r in caplog.records
+                if r.name == "app.service.access" and "deleted" in r.getMessage()]
 
     with caplog.at_level(logging.INFO, logger="app.service.access"), httpx.Client(base_url=server.url) as http:
         assert http.get(f"/v1/products/{forged}").status_code in (404, 422)
