@@ -135,9 +135,8 @@ class OpenVINOStages:
 
     The graph is saved with a dynamic height and width. It is compiled for S x S at
     start, and once more with the height and width left dynamic on the first input of
-    another shape (aspect-kept framing): one static compile per shape took 17 MB each
-    (386 MB for 22 of magnetic_tile's shapes), the dynamic one 53 MB for all of them, at
-    the same speed within this machine's noise (stop 21)."""
+    another shape (aspect-kept framing): for magnetic_tile's 25 shapes one static compile
+    each held 469 MB, the dynamic one 35 MB, at 1.004x their time (benchmarks/ov_shapes.py)."""
 
     def __init__(self, module: nn.Module, backbone: str, image_size: int, precision: str = "f32",
                  cache_dir: Path | str | None = None, threads: int | None = None):
