@@ -100,8 +100,8 @@ def test_append_build_is_a_new_version_descending_from_the_active_one(mini_mvtec
     assert wrong.returncode == 2 and "--append" in wrong.stderr
     # What the base was built and calibrated with is refused by name, never silently ignored.
     kept = _run("build", "--product", "bottle", "--images", str(mini_mvtec / "bottle" / "test" / "good"),
-                "--append", "--map-sigma", "8", "--false-alarm-rate", "0.001", *common)
-    assert kept.returncode == 2 and "--map-sigma, --false-alarm-rate" in kept.stderr, kept.stderr
+                "--append", "--map-sigma", "8", "--aspect", "squeeze", "--false-alarm-rate", "0.001", *common)
+    assert kept.returncode == 2 and "--aspect, --map-sigma, --false-alarm-rate" in kept.stderr, kept.stderr
 
 
 def test_clear_errors_for_bad_input(tmp_path):
@@ -141,10 +141,13 @@ def test_eval_takes_the_framing_and_scoring_options(mini_mvtec, tmp_path):
     assert metrics["map_sigma"] == 8.0 and metrics["patch_size"] == 5
     assert metrics["pixel_auroc"] is not None and metrics["image_auroc"] is not None
     centre = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--image-size", "128",
-                  "--coreset-ratio", "0.2", "--centre-crop", "0.875", "--json", str(tmp_path / "c.json"),
-                  "--device", "cpu")
+                  "--coreset-ratio", "0.2", "--centre-crop", "0.875", "--aspect", "squeeze",
+                  "--json", str(tmp_path / "c.json"), "--device", "cpu")
     assert centre.returncode == 0, centre.stderr
-    assert json.loads((tmp_path / "c.json").read_text())["framing"]["mode"] == "centre"
+    assert json.loads((tmp_path / "c.json").read_text())["framing"] == \
+        {"mode": "centre", "fraction": 0.875, "roi": None, "aspect": "squeeze"}
+    stretched = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--aspect", "stretch")
+    assert stretched.returncode == 2 and "--aspect: invalid choice" in stretched.stderr
     both = _run("eval", "--data", str(mini_mvtec), "--category", "bottle", "--roi", "0,0,9,9",
                 "--centre-crop", "0.5")
     assert both.returncode == 2 and "not allowed with" in both.stderr

@@ -32,7 +32,15 @@ def test_build_params_with_framing_round_trip_through_json():
 def test_build_request_framing_is_validated():
     assert BuildRequest(centre_crop=0.875).framing() == Framing(mode="centre", fraction=0.875)
     assert BuildRequest().framing() is None
-    for bad in ({"roi": [5, 5, 1, 9]}, {"roi": [0, 0, 9, 9], "centre_crop": 0.5}, {"image_size": 100},
+    # The input shape: the aspect kept unless the request squeezes, alone or with a box.
+    assert BuildRequest(aspect="squeeze").framing() == Framing(aspect="squeeze")
+    assert BuildRequest(aspect="keep").framing() == Framing()
+    assert BuildRequest(centre_crop=0.875, aspect="squeeze").framing() == \
+        Framing(mode="centre", fraction=0.875, aspect="squeeze")
+    params = BuildParams(framing=BuildRequest(roi=[1, 2, 30, 40], aspect="squeeze").framing())
+    assert BuildParams.from_dict(json.loads(json.dumps(params.describe()))).config().framing.aspect == "squeeze"
+    for bad in ({"aspect": "stretch"}, {"aspect": 1},
+                {"roi": [5, 5, 1, 9]}, {"roi": [0, 0, 9, 9], "centre_crop": 0.5}, {"image_size": 100},
                 {"false_alarm_rate": 0.0}, {"false_alarm_rate": 1e-17}, {"roi": [1, 2, 3]}, {"map_sigma": -1.0},
                 {"map_sigma": 33.0},
                 {"patch_size": 4}, {"patch_size": 11}, {"patch_size": 0}, {"stage_dim": 0}, {"stage_dim": 4096}):
