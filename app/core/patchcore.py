@@ -96,10 +96,12 @@ class PatchCoreConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PatchCoreConfig:
-        """The config a bank was built with (its manifest's "config"); unknown keys are ignored."""
+        """The config a bank was built with (its manifest's "config"); unknown keys are ignored.
+        A config without framing saw the whole frame squeezed (Framing.from_dict), never the
+        default of today's builds."""
         known = {f.name for f in dataclasses.fields(cls)} - {"embedder", "framing"}
         values = {k: v for k, v in data.items() if k in known}
-        framing = Framing.from_dict(data["framing"]) if data.get("framing") else Framing()
+        framing = Framing.from_dict(data.get("framing"))
         return cls(embedder=EmbedderConfig.from_dict(data["embedder"]), framing=framing, **values)
 
 
@@ -484,6 +486,8 @@ def append_config(base_bank: MemoryBank, **overrides: Any) -> PatchCoreConfig:
         overrides["coreset_size"] = None
     stored = dict(base_bank.manifest.get("config") or {})
     stored["embedder"] = EmbedderConfig.from_dict(base_bank.embedder).to_dict()
+    # The framing its rows were embedded with (a bank from before framing has none: whole, squeezed).
+    stored["framing"] = bank_framing(base_bank.manifest).to_dict()
     return dataclasses.replace(PatchCoreConfig.from_dict(stored), **overrides)
 
 

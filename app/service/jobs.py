@@ -274,7 +274,9 @@ class JobRunner:
     def _resolve_base(self, product: str, params: BuildParams) -> BuildParams:
         # What the base bank's features and threshold were made with: an append cannot change
         # it, and ignoring the request silently would serve something other than was asked.
-        kept = [name for name in _KEPT_BY_APPEND if getattr(params, name) is not None]
+        # Named as the request names them: framing is its centre_crop, roi and aspect fields.
+        kept = [("framing (centre_crop, roi, aspect)" if name == "framing" else name)
+                for name in _KEPT_BY_APPEND if getattr(params, name) is not None]
         if kept:
             raise InvalidBuildRequest(f"an append build keeps its base bank's {', '.join(kept)}; "
                                       f"leave {'it' if len(kept) == 1 else 'them'} out")

@@ -201,8 +201,8 @@ class FramingInfo(BaseModel):
     fraction: float = Field(description="centre mode: the central fraction of width and height")
     roi: list[int] | None = Field(default=None, description="roi mode: [x0, y0, x1, y1] in original pixels")
     aspect: Literal["keep", "squeeze"] = Field(
-        default="squeeze", description="keep: each framed box reaches the network with its own aspect "
-        "(about image_size x image_size pixels); squeeze: at exactly image_size x image_size")
+        description="keep: each framed box reaches the network with its own aspect (about image_size x "
+        "image_size pixels); squeeze: at exactly image_size x image_size (banks built before keep existed)")
 
 
 class FeedbackRequest(BaseModel):

@@ -165,6 +165,21 @@ def test_banks_without_lineage_or_radius_still_append(base, images, lite0_small)
     assert bank.manifest["coreset"]["coverage_radius"] is None
 
 
+def test_banks_from_before_framing_append_squeezed(shared_data, lite0_small):
+    """A manifest with no framing at all (top level or in its config) was embedded whole and
+    squeezed; its append keeps that, rather than today's aspect-kept default."""
+    tiles = list_images(shared_data / "magnetic_tile" / "train" / "good")[:36:3]
+    base = build_bank(tiles[:8], dataclasses.replace(SMALL, framing=Framing(aspect="squeeze")), lite0_small)
+    manifest = {k: v for k, v in base.manifest.items() if k != "framing"}
+    manifest["config"] = {k: v for k, v in manifest["config"].items() if k != "framing"}
+    old = type(base)(features=base.features, nominal_scores=base.nominal_scores, manifest=manifest)
+    config = append_config(old)
+    assert config.framing == Framing(aspect="squeeze")
+    bank = append_to_bank(old, tiles[8:], config, lite0_small)
+    assert bank.manifest["framing"]["aspect"] == "squeeze"
+    assert bank.manifest["lineage"]["steps"][-1]["patches"] == 4 * lite0_small.grid_size ** 2
+
+
 def test_an_append_keeps_the_products_framing(images, lite0_small):
     """A product framed to a region sees that region in its appended images too, and
     its appended versions keep the framing at predict time."""

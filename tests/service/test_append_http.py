@@ -42,11 +42,12 @@ def test_append_requests_that_cannot_work(http, base_version):
     assert backbone.status_code == 422 and backbone.json()["error"]["code"] == "invalid_build_request"
     # What the base was built and calibrated with is refused by name, never ignored.
     for option in ({"image_size": 320}, {"patch_size": 5}, {"stage_dim": 32}, {"centre_crop": 0.875},
+                   {"aspect": "squeeze"}, {"aspect": "keep"},
                    {"false_alarm_rate": 0.001}, {"map_sigma": 8.0}, {"stage_balance": False},
                    {"normalisation": "image"}):
         kept = http.post(f"{BASE}/builds", headers=ADMIN, json={"mode": "append", **option})
         assert kept.status_code == 422 and kept.json()["error"]["code"] == "invalid_build_request", kept.text
-        name = "framing" if "centre_crop" in option else next(iter(option))
+        name = next(iter(option))
         assert name in kept.json()["error"]["message"], kept.text
     missing = http.post("/v1/admin/products/never-built/nominal", headers=ADMIN,
                         files=[("files", ("a.png", png_bytes(np.zeros((64, 64, 3), np.uint8)), "image/png"))])
