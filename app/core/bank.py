@@ -24,13 +24,23 @@ import numpy as np
 
 from app.core.errors import BankCorrupt, BankIncompatible
 
-FORMAT_VERSION = 1
+# 2 (stop 21): the framing keeps each box's aspect. Software that reads only 1 would load such
+# a bank and score every image squeezed to S x S, so a bank that keeps the aspect is written as
+# 2 and older software refuses it; a squeezed bank stays 1, which older software still reads.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 # The manifest holds the threshold, framing and smoothing the decision depends on, so it is
 # checked like the arrays: one flipped digit of the threshold would otherwise load and pass
 # a defect. It cannot hold its own checksum, hence the sidecar.
 MANIFEST_CHECKSUM = "manifest.sha256"
 ARRAYS = {"features": "features.npy", "nominal_scores": "nominal_scores.npy"}
+
+
+def format_version_for(manifest: dict[str, Any]) -> int:
+    """The oldest bank format that describes this manifest (see FORMAT_VERSION)."""
+    framing = manifest.get("framing")
+    return 2 if isinstance(framing, dict) and framing.get("aspect") == "keep" else 1
 
 
 @dataclass
@@ -111,7 +121,7 @@ def save_bank(bank: MemoryBank, directory: Path | str) -> Path:
                 handle.flush()
                 os.fsync(handle.fileno())
             checksums[filename] = _sha256(path)
-        manifest = {**bank.manifest, "format_version": FORMAT_VERSION,
+        manifest = {**bank.manifest, "format_version": format_version_for(bank.manifest),
                     "bank_size": int(arrays["features"].shape[0]),
                     "feature_dim": int(arrays["features"].shape[1]),
                     "files": checksums}
@@ -187,8 +197,9 @@ def load_bank(directory: Path | str) -> MemoryBank:
     if not isinstance(manifest, dict):
         raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: manifest is not a JSON object")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BankIncompatible(f"bank {directory.name}: bank format {version!r}, this software reads {FORMAT_VERSION}")
+    if version not in READABLE_FORMATS or isinstance(version, bool):
+        raise BankIncompatible(f"bank {directory.name}: bank format {version!r}, this software reads "
+                               f"{', '.join(map(str, READABLE_FORMATS))}")
     for key in ("embedder", "calibration", "files", "feature_dim", "bank_size"):
         if key not in manifest:
             raise BankCorrupt(f"bank {directory.name}, {MANIFEST}: missing field {key!r}")

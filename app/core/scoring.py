@@ -98,11 +98,15 @@ def smoothed_maps(patch_scores: np.ndarray, input_size: int | tuple[int, int], s
     maps = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
     if sigma > 0:
         # Reflect padding needs a radius under the map's side: a large sigma on a small input
-        # (sigma 16 at 64 px, both allowed) made every predict fail; the kernel is cut there.
-        kernel = gaussian_kernel(sigma, max_radius=min(height, width) - 1).to(maps.device)
-        pad = len(kernel) // 2
-        maps = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-        maps = F.conv2d(F.pad(maps, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1))
+        # (sigma 16 at 64 px, both allowed) made every predict fail; the kernel is cut there,
+        # on each axis at its own side (an aspect-kept input is narrower one way).
+        along_width = gaussian_kernel(sigma, max_radius=width - 1).to(maps.device)
+        along_height = (along_width if height == width
+                        else gaussian_kernel(sigma, max_radius=height - 1).to(maps.device))
+        pad = len(along_width) // 2
+        maps = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), along_width.view(1, 1, 1, -1))
+        pad = len(along_height) // 2
+        maps = F.conv2d(F.pad(maps, (0, 0, pad, pad), mode="reflect"), along_height.view(1, 1, -1, 1))
     return maps[:, 0].cpu()
 
 

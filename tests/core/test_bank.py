@@ -86,6 +86,22 @@ def test_incompatible_format_version(tmp_path):
         load_bank(tmp_path / "b")
 
 
+def test_a_bank_that_keeps_the_aspect_is_format_2_so_older_software_refuses_it(tmp_path):
+    """Software before stop 21 reads format 1 only and would score a keep bank's images squeezed."""
+    squeezed, kept = _bank(), _bank()
+    squeezed.manifest["framing"] = {"mode": "whole", "fraction": 1.0, "roi": None, "aspect": "squeeze"}
+    kept.manifest["framing"] = {"mode": "whole", "fraction": 1.0, "roi": None, "aspect": "keep"}
+    save_bank(squeezed, tmp_path / "s")
+    save_bank(kept, tmp_path / "k")
+    save_bank(_bank(), tmp_path / "none")  # no framing at all: a bank from before framing
+    assert load_bank(tmp_path / "s").manifest["format_version"] == 1
+    assert load_bank(tmp_path / "none").manifest["format_version"] == 1
+    assert load_bank(tmp_path / "k").manifest["format_version"] == 2
+    edit_manifest(tmp_path / "k", format_version=True)  # JSON true == 1 in Python: not a format
+    with pytest.raises(BankIncompatible, match="format True"):
+        load_bank(tmp_path / "k")
+
+
 def test_crash_during_save_leaves_no_half_bank(tmp_path, monkeypatch):
     import app.core.bank as bank_module
 

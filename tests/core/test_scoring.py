@@ -94,3 +94,21 @@ def test_a_large_sigma_on_a_small_input_still_gives_a_map(image_size, sigma):
     maps = anomaly_maps(scores, image_size, [(100, 80), (50, 50)], sigma=sigma)
     assert [m.shape for m in maps] == [(100, 80), (50, 50)]
     assert all(np.isfinite(m).all() for m in maps)
+
+
+def test_a_thin_input_is_smoothed_along_its_long_side_as_far_as_that_side_allows():
+    """An aspect-kept input (32 x 128 at S = 64): sigma 16 is cut at 31 px across the 32-px side,
+    and runs its full 4 sigma (64 px) along the 128-px side."""
+    from app.core.scoring import gaussian_kernel, smoothed_maps
+
+    scores = np.zeros((1, 4, 16), np.float32)
+    scores[0, :, 8] = 1.0  # one column of patches: the map spreads along the long side only
+    row = smoothed_maps(scores, (32, 128), sigma=16.0)[0, 16].numpy()
+    impulse = torch.nn.functional.interpolate(torch.from_numpy(scores)[:, None], size=(32, 128),
+                                              mode="bilinear", align_corners=False)[0, 0, 16]
+    kernel = gaussian_kernel(16.0, max_radius=127)
+    pad = len(kernel) // 2
+    want = torch.nn.functional.conv1d(torch.nn.functional.pad(impulse[None, None], (pad, pad), mode="reflect"),
+                                      kernel.view(1, 1, -1))[0, 0].numpy()
+    np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-6)
+    assert len(kernel) == 2 * 64 + 1
