@@ -216,7 +216,8 @@ class OpenVINOStages:
         size = self.image_size
         example = torch.zeros(1, 3, size, size)
         # Height and width stay dynamic in the graph (the stages are convolutions and the
-        # head resizes to the stride-8 map's own size); `_compile` fixes them per shape.
+        # head resizes to the stride-8 map's own size); `_compile` fixes them to S x S for
+        # the square path and leaves them dynamic for every other shape.
         module = module.to("cpu").eval()
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             # torch.jit.trace (used by the converter) warns that it is deprecated.
