@@ -182,8 +182,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.append:
         # What the base bank was built and calibrated with: refused by name, never ignored
         # (the admin API answers the same with a 422).
+        # Given on the command line, even at its default value: `--aspect keep` on a squeezed
+        # base would otherwise be dropped without a word.
+        given = getattr(args, "given_options", None)
         kept = [f"--{dest.replace('_', '-')}" for dest in _KEPT_BY_APPEND
-                if getattr(args, dest) != args.option_defaults[dest]]
+                if (dest in given if given is not None else getattr(args, dest) != args.option_defaults[dest])]
         if kept:
             raise ValueError(f"an append build keeps its base bank's {', '.join(kept)}; leave "
                              f"{'it' if len(kept) == 1 else 'them'} out")
@@ -408,10 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given_options(argv: list[str] | None) -> set[str]:
+    """The build options the command line names (abbreviated or with `=` too): the same
+    arguments parsed again with every build default suppressed."""
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in subcommands.choices["build"]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every failed SIMD probe
     args = build_parser().parse_args(argv)
+    if getattr(args, "append", False):
+        args.given_options = _given_options(argv)
     from app.core.errors import PatchCoreError
     from app.storage import InvalidName, ProductNotFound, StoreError
 

@@ -102,6 +102,10 @@ def test_append_build_is_a_new_version_descending_from_the_active_one(mini_mvtec
     kept = _run("build", "--product", "bottle", "--images", str(mini_mvtec / "bottle" / "test" / "good"),
                 "--append", "--map-sigma", "8", "--aspect", "squeeze", "--false-alarm-rate", "0.001", *common)
     assert kept.returncode == 2 and "--aspect, --map-sigma, --false-alarm-rate" in kept.stderr, kept.stderr
+    # Named even at its default value (and abbreviated): the base may have been built otherwise.
+    at_default = _run("build", "--product", "bottle", "--images", str(mini_mvtec / "bottle" / "test" / "good"),
+                      "--append", "--aspect=keep", "--map-sig", "4", *common)
+    assert at_default.returncode == 2 and "--aspect, --map-sigma" in at_default.stderr, at_default.stderr
 
 
 def test_clear_errors_for_bad_input(tmp_path):
