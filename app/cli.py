@@ -424,6 +424,7 @@ def _given_options(argv: list[str] | None) -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every failed SIMD probe
+    argv = list(argv) if argv is not None else None  # parsed twice for an append build
     args = build_parser().parse_args(argv)
     if getattr(args, "append", False):
         args.given_options = _given_options(argv)

@@ -38,8 +38,11 @@ ARRAYS = {"features": "features.npy", "nominal_scores": "nominal_scores.npy"}
 
 
 def format_version_for(manifest: dict[str, Any]) -> int:
-    """The oldest bank format that describes this manifest (see FORMAT_VERSION)."""
+    """The oldest bank format that describes this manifest (see FORMAT_VERSION). The framing
+    is read where patchcore.bank_framing reads it: the top level, else the stored config."""
     framing = manifest.get("framing")
+    if framing is None:
+        framing = (manifest.get("config") or {}).get("framing")
     return 2 if isinstance(framing, dict) and framing.get("aspect") == "keep" else 1
 
 

@@ -94,6 +94,10 @@ def test_a_bank_that_keeps_the_aspect_is_format_2_so_older_software_refuses_it(t
     save_bank(squeezed, tmp_path / "s")
     save_bank(kept, tmp_path / "k")
     save_bank(_bank(), tmp_path / "none")  # no framing at all: a bank from before framing
+    in_config = _bank()  # framing only inside the config is what the scorer reads then
+    in_config.manifest["config"] = {"framing": {"mode": "whole", "aspect": "keep"}}
+    save_bank(in_config, tmp_path / "c")
+    assert load_bank(tmp_path / "c").manifest["format_version"] == 2
     assert load_bank(tmp_path / "s").manifest["format_version"] == 1
     assert load_bank(tmp_path / "none").manifest["format_version"] == 1
     assert load_bank(tmp_path / "k").manifest["format_version"] == 2
