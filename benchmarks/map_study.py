@@ -29,7 +29,7 @@ from app.core.embedding import EmbedderConfig, create_embedder
 from app.core.evaluation import _pixel_aurocs, binned_auroc, read_category
 from app.core.images import decode_image
 from app.core.patchcore import PatchCoreModel
-from app.core.scoring import anomaly_maps
+from app.core.scoring import anomaly_maps, input_size_of
 from app.storage import LocalBankStore
 
 BINS = 1 << 16
@@ -60,8 +60,8 @@ def main() -> None:
                                 Image.Resampling.NEAREST)) > mask_threshold
                      if item.mask_path is not None else np.zeros((height, width), bool))
     def maps_for(scores: list[np.ndarray], sigma: float) -> list[np.ndarray]:
-        # Each image's input was 8x its patch grid (S x S, or aspect-kept: grids differ).
-        return [anomaly_maps(s[None], (8 * s.shape[0], 8 * s.shape[1]), [shapes[i]], sigma)[0]
+        # Each image's own input size (S x S, or aspect-kept: grids differ).
+        return [anomaly_maps(s[None], input_size_of(s), [shapes[i]], sigma)[0]
                 for i, s in enumerate(scores)]
 
     results: dict[str, float] = {}

@@ -379,8 +379,8 @@ class StagesWithHead(nn.Module):
         return self.head(stage8, stage16)
 
 
-def group_by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
-    """Positions of the tensors of each shape (a batch stacks only equal shapes)."""
+def group_by_shape(tensors: Sequence[torch.Tensor | np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+    """Positions of the tensors (or arrays) of each shape (a batch stacks only equal shapes)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, tensor in enumerate(tensors):
         groups.setdefault(tuple(tensor.shape), []).append(index)

@@ -22,7 +22,7 @@ from app.core.bank import MemoryBank
 from app.core.embedding import PatchEmbedder
 from app.core.images import decode_image, list_images
 from app.core.patchcore import PatchCoreConfig, PatchCoreModel, build_bank
-from app.core.scoring import anomaly_maps, score_patches
+from app.core.scoring import anomaly_maps, input_size_of, score_patches
 
 
 @dataclass
@@ -132,9 +132,8 @@ def evaluate_bank(
                                                    model.top_k)
         t3 = time.perf_counter()
         box = None if model.framing.is_whole() else model.framing.box(*image.shape[:2])
-        # The input was 8x the patch grid (stride 8): S x S, or the aspect-kept shape.
-        amap = anomaly_maps(patch_scores, (8 * patch_scores.shape[1], 8 * patch_scores.shape[2]),
-                            [image.shape[:2]], model.gaussian_sigma, [box])[0]
+        amap = anomaly_maps(patch_scores, input_size_of(patch_scores), [image.shape[:2]], model.gaussian_sigma,
+                            [box])[0]
         decisions.append(bool(image_scores[0] > model.calibration.threshold))
         t4 = time.perf_counter()
         for key, value in zip(split, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):

@@ -29,7 +29,7 @@ from app.core.errors import BankIncompatible, BuildCancelled, InvalidImage, NotE
 from app.core.framing import Box, Framing
 from app.core.images import as_rgb_array, decode_image
 from app.core.knn import SearchBackend, SearchIndex, SearchPrecision, create_index
-from app.core.scoring import score_patches, smoothed_maps, to_original_size
+from app.core.scoring import input_size_of, score_patches, smoothed_maps, to_original_size
 
 ImageSource = Path | str | np.ndarray
 ProgressFn = Callable[[str, float], None]
@@ -308,10 +308,7 @@ def image_scores_of(index: SearchIndex, features: Sequence[np.ndarray], reweight
     """Image scores of per-image patch features (h, w, D) of any grids, in their order:
     one search per distinct grid."""
     scores = np.empty(len(features), dtype=np.float64)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, f in enumerate(features):
-        groups.setdefault(f.shape, []).append(i)
-    for indices in groups.values():
+    for indices in group_by_shape(features).values():
         scores[indices] = score_patches(index, np.stack([features[i] for i in indices]), reweight_neighbours,
                                         top_k)[1]
     return scores
@@ -775,8 +772,7 @@ class PatchCoreModel:
                              f"got {tuple(array.shape)}")
         patch_scores, image_scores = score_patches(self.index, self.scaled(array), self.reweight_neighbours,
                                                    self.top_k)
-        # The network input was 8x the patch grid on each side (stride 8), S x S or aspect-kept.
-        maps = smoothed_maps(patch_scores, (8 * array.shape[1], 8 * array.shape[2]), self.gaussian_sigma,
+        maps = smoothed_maps(patch_scores, input_size_of(patch_scores), self.gaussian_sigma,
                              device=self.embedder.device)
         threshold = self.calibration.threshold
         return [

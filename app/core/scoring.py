@@ -74,6 +74,16 @@ def reweighting_factors(index: SearchIndex, worst_patches: np.ndarray,
     return weights
 
 
+# Patch scores lie on the backbone's stride-8 grid (the finer of its two stages, Sec. 3.1).
+PATCH_STRIDE = 8
+
+
+def input_size_of(patch_scores: np.ndarray) -> tuple[int, int]:
+    """(H, W) of the network input that gave patch scores (..., h, w): S x S, or an aspect-kept
+    input's own shape."""
+    return PATCH_STRIDE * int(patch_scores.shape[-2]), PATCH_STRIDE * int(patch_scores.shape[-1])
+
+
 def gaussian_kernel(sigma: float, max_radius: int | None = None) -> torch.Tensor:
     """Normalised 1-D Gaussian, truncated at 4 sigma (or at max_radius when that is shorter)."""
     radius = int(4.0 * sigma + 0.5)
