@@ -183,10 +183,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         # What the base bank was built and calibrated with: refused by name, never ignored
         # (the admin API answers the same with a 422).
         # Given on the command line, even at its default value: `--aspect keep` on a squeezed
-        # base would otherwise be dropped without a word.
-        given = getattr(args, "given_options", None)
-        kept = [f"--{dest.replace('_', '-')}" for dest in _KEPT_BY_APPEND
-                if (dest in given if given is not None else getattr(args, dest) != args.option_defaults[dest])]
+        # base would otherwise be dropped without a word (main() sets given_options).
+        kept = [f"--{dest.replace('_', '-')}" for dest in _KEPT_BY_APPEND if dest in args.given_options]
         if kept:
             raise ValueError(f"an append build keeps its base bank's {', '.join(kept)}; leave "
                              f"{'it' if len(kept) == 1 else 'them'} out")
@@ -362,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --append: grow to the coreset ratio of all patches seen (size), or stop "
                             "once the new patches are covered as well as the base's (radius)")
     _add_engine_options(build)
-    build.set_defaults(func=cmd_build, option_defaults={a.dest: a.default for a in build._actions})
+    build.set_defaults(func=cmd_build)
 
     predict = sub.add_parser("predict", help="score images with a product's active bank")
     predict.add_argument("--product", required=True)
